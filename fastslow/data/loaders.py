@@ -1,0 +1,343 @@
+"""Turn one file into model input: `ImageLoader` (image -> normalised pixels), `FeatureLoader` (.npy -> clip features).
+
+Both are picklable callables ``path -> visual`` handed to `PairDataset` / `VisualDataset`, so they run in
+DataLoader worker processes. Anything wrong with a file raises `fastslow.errors.DataError` naming the file,
+which the datasets either propagate or record, depending on ``on_error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from fastslow.errors import DataError
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "ImageLoader",
+    "FeatureLoader",
+    "read_image_rgb",
+    "to_rgb",
+    "resize_center_crop",
+    "read_features",
+    "fit_frames",
+]
+
+# Same values as timm.data.IMAGENET_DEFAULT_*; copied so that loading data does not import timm.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+_SKIP_HINT = "replace the file or set data.on_error=skip to drop it"
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+class ImageLoader:
+    """Load an image file as a normalised ``[3, S, S]`` float tensor.
+
+    Steps: decode with PIL (truncated files are errors, whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says),
+    apply the EXIF orientation, convert any mode to RGB (`to_rgb`), resize the shorter side to S with
+    bicubic (antialiased) resampling and take the centre S x S crop (`resize_center_crop`; the usual
+    evaluation transform of ImageNet-pretrained backbones: no distortion of the aspect ratio, the centre
+    of the scene kept), then ``(x / 255 - mean) / std``.
+
+    JPEGs are decoded with PIL's draft mode (DCT-domain downscaling by 1/2, 1/4 or 1/8, never below S on
+    either side), which makes decoding COCO-sized photos for S=224 several times faster.
+
+    Args:
+        image_size: S, the output height and width.
+        mean: per-channel mean of the backbone (RGB, in [0, 1]).
+        std: per-channel standard deviation of the backbone.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, path: str | os.PathLike) -> torch.Tensor:
+        """Load ``path``.
+
+        Returns:
+            Float tensor ``[3, S, S]``, normalised.
+
+        Raises:
+            DataError: the file is missing, empty, not an image, truncated or corrupt.
+        """
+        image = resize_center_crop(read_image_rgb(path, draft_size=self.image_size), self.image_size)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        return pixels.sub_(self.mean).div_(self.std)
+
+    def __repr__(self) -> str:
+        return f"ImageLoader(image_size={self.image_size})"
+
+
+def read_image_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file fully, apply its EXIF orientation and convert it to RGB.
+
+    Args:
+        path: the image file.
+        draft_size: if set, let PIL decode a JPEG at a reduced scale whose sides stay >= ``draft_size``.
+
+    Returns:
+        An RGB PIL image.
+
+    Raises:
+        DataError: missing, empty (0 bytes), not an image, truncated, corrupt, too large, or a mode that
+            cannot be converted to RGB; the message names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError.for_file(path, "image file not found", _SKIP_HINT, reason="missing file")
+    if os.path.getsize(path) == 0:
+        raise DataError.for_file(path, "empty file (0 bytes)", _SKIP_HINT, reason="empty file")
+    try:
+        with Image.open(path) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft(image.mode, (draft_size, draft_size))
+            with _strict_truncation():
+                image.load()
+            return to_rgb(_exif_transpose(image), path)
+    except DataError:
+        raise
+    except UnidentifiedImageError as err:
+        raise DataError.for_file(path, "not an image PIL can read", _SKIP_HINT, reason="not an image") from err
+    except Image.DecompressionBombError as err:
+        raise DataError.for_file(path, f"image too large ({err})", _SKIP_HINT, reason="image too large") from err
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+        # PIL reports decoder failures with these; "image file is truncated" is the common one.
+        reason = "truncated image" if "truncated" in str(err) else "corrupt image"
+        raise DataError.for_file(path, f"{reason} ({err})", _SKIP_HINT, reason=reason) from err
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make PIL raise on truncated files even if some library set ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+
+    With that flag on, PIL fills the missing part of a truncated file with grey and says nothing; we would
+    then train on half-grey images. The flag is process-global: it is restored on exit, and DataLoader
+    workers are processes, so this only races with other threads of the same process loading images.
+    """
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+def _exif_transpose(image: Image.Image) -> Image.Image:
+    """Rotate / flip the pixels as the EXIF orientation tag says (phone photos are stored sideways)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not cost us an otherwise good image
+        return image
+
+
+def to_rgb(image: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
+    """Convert a PIL image of any mode to RGB, correctly.
+
+    - RGB: unchanged. L, 1, P without transparency, CMYK, YCbCr, HSV: PIL's conversion.
+    - Anything with alpha (RGBA, LA, PA, premultiplied La / RGBa) or a transparency key (P, L or RGB with
+      ``info["transparency"]``): composited on white, as viewers show it, instead of keeping whatever colour
+      the fully transparent pixels happen to store (often black).
+    - 16-bit grey (I;16, I;16B, ...): scaled by 255 / 65535 (PIL's own conversion clips at 255 instead).
+    - I (32-bit int): values in [0, 255] are taken as 8-bit, in [0, 65535] as 16-bit, others are min-max
+      scaled to [0, 255]. F (float): [0, 1] is scaled by 255, [0, 255] taken as is, others min-max scaled.
+      Transparency keys of these three modes are ignored.
+
+    Args:
+        image: a PIL image (fully loaded).
+        path: the file it came from, for the error message.
+
+    Returns:
+        An RGB PIL image of the same size.
+
+    Raises:
+        DataError: the mode has no conversion to RGB (e.g. LAB without a colour profile).
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.float32) * (255.0 / 65535.0)
+        return Image.fromarray(np.rint(grey).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(image), mode), "L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise DataError.for_file(
+            path, f"image mode {mode} cannot be converted to RGB ({err})", _SKIP_HINT, reason="unsupported mode"
+        ) from err
+
+
+def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map a 32-bit int (mode I) or float (mode F) grey image to uint8 (rule in `to_rgb`)."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= (1.0 if mode == "F" else 255.0):
+        scale = 255.0 if mode == "F" else 1.0
+    elif low >= 0 and high <= (255.0 if mode == "F" else 65535.0):
+        scale = 1.0 if mode == "F" else 255.0 / 65535.0
+    else:  # no known range: stretch what is there
+        values, scale = values - low, 255.0 / max(high - low, 1e-12)
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (bicubic, antialiased), then crop the centre ``size x size``.
+
+    Args:
+        image: a PIL image.
+        size: the output side.
+
+    Returns:
+        A ``size x size`` PIL image.
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+# ------------------------------------------------------------------------------------------- features
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class FeatureLoader:
+    """Load a ``.npy`` clip-feature file as a fixed number of frames plus a mask.
+
+    Truncation: a video with more than ``max_frames`` clips is subsampled uniformly in time (the clip at
+    the centre of each of ``max_frames`` equal segments) rather than cut at ``max_frames``: a caption
+    describes the whole video, and cutting would drop its end. Shorter videos are zero-padded and the
+    padding is masked out.
+
+    Args:
+        max_frames: T, the number of frames returned.
+        feature_dim: if set, files whose feature dimension differs are errors (D is checked, not guessed).
+    """
+
+    def __init__(self, max_frames: int, feature_dim: int | None = None) -> None:
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.max_frames = int(max_frames)
+        self.feature_dim = feature_dim
+
+    def __call__(self, path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load ``path``.
+
+        Returns:
+            ``(features [T, D] float32, mask [T] bool)`` with T = ``max_frames``; ``mask`` is True on real
+            frames, which come first.
+
+        Raises:
+            DataError: the file is missing, empty, not a ``.npy`` array, truncated, of the wrong ndim / shape /
+                dtype, or holds NaN or infinite values.
+        """
+        return fit_frames(read_features(path, self.feature_dim), self.max_frames)
+
+    def __repr__(self) -> str:
+        return f"FeatureLoader(max_frames={self.max_frames}, feature_dim={self.feature_dim})"
+
+
+def read_features(path: str | os.PathLike, feature_dim: int | None = None) -> np.ndarray:
+    """Read and check a clip-feature file of shape (1, T, D) or (T, D).
+
+    Args:
+        path: the ``.npy`` file.
+        feature_dim: expected D, or None to accept any.
+
+    Returns:
+        A float32 array ``[T, D]`` with T >= 1, all values finite.
+
+    Raises:
+        DataError: see `FeatureLoader.__call__`.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError.for_file(path, "feature file not found", _SKIP_HINT, reason="missing file")
+    if os.path.getsize(path) == 0:
+        raise DataError.for_file(path, "empty file (0 bytes)", _SKIP_HINT, reason="empty file")
+    with open(path, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        # np.load would try to unpickle it, or return an archive for .npz; say plainly what it is not.
+        what = "a .npz archive" if magic.startswith(b"PK") else "not a .npy file"
+        raise DataError.for_file(path, f"{what}, expected one .npy array", _SKIP_HINT, reason="not a .npy file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError.for_file(
+            path, f"corrupt or truncated .npy ({err})", _SKIP_HINT, reason="corrupt features"
+        ) from err
+
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError.for_file(path, f"dtype {array.dtype}, expected floating point features", reason="bad features")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise DataError.for_file(path, f"shape {array.shape}, expected (1, T, D) or (T, D)", reason="bad shape")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError.for_file(path, f"shape {array.shape} holds no features", reason="bad shape")
+    if feature_dim is not None and array.shape[1] != feature_dim:
+        raise DataError.for_file(
+            path,
+            f"feature dimension {array.shape[1]}, expected {feature_dim}",
+            "check data.feature_dir",
+            reason="bad shape",
+        )
+    if not np.isfinite(array).all():
+        raise DataError.for_file(
+            path, "features contain NaN or infinite values", _SKIP_HINT, reason="non-finite features"
+        )
+    return array.astype(np.float32, copy=False)
+
+
+def fit_frames(features: np.ndarray, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subsample uniformly or zero-pad ``[n, D]`` features to exactly ``max_frames`` rows.
+
+    Args:
+        features: ``[n, D]`` array, n >= 1.
+        max_frames: T.
+
+    Returns:
+        ``(features [T, D] float32, mask [T] bool)``; the first ``min(n, T)`` mask entries are True.
+    """
+    n, dim = features.shape
+    if n > max_frames:
+        # Centre of each of max_frames equal segments of [0, n): strictly increasing, first and last
+        # segments both represented.
+        features = features[((np.arange(max_frames) + 0.5) * n / max_frames).astype(np.int64)]
+        n = max_frames
+    out = torch.zeros(max_frames, dim, dtype=torch.float32)
+    out[:n] = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    mask = torch.zeros(max_frames, dtype=torch.bool)
+    mask[:n] = True
+    return out, mask

@@ -1,0 +1,56 @@
+"""Errors about bad input data, with messages that name the file, the problem and the fix.
+
+Every reader and loader in `fastslow.data` raises `DataError` for a file it cannot use, so that a
+dataset running under `on_error="skip"` can catch exactly these (and nothing that is a bug in our code),
+record `(path, reason)` and go on.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["DataError", "file_message"]
+
+
+def file_message(path: str | os.PathLike, problem: str, fix: str | None = None) -> str:
+    """Build the house message for a problem with a file: ``"file X: problem; what to do"``.
+
+    Args:
+        path: the file (or folder) concerned.
+        problem: what is wrong, e.g. ``"image file is truncated"``.
+        fix: what the user can do about it, e.g. ``"re-download it or set data.on_error=skip"``.
+
+    Returns:
+        The message, e.g. ``"file /data/x.jpg: image file is truncated; set data.on_error=skip to drop it"``.
+    """
+    message = f"file {os.fspath(path)}: {problem}"
+    return f"{message}; {fix}" if fix else message
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or unreadable.
+
+    Attributes:
+        path: the offending file, or None when the error is not about one file.
+        reason: a short, stable description of the problem (``"missing file"``, ``"truncated image"``,
+            ...) used to group skipped samples in reports; the message itself carries the details.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+        self.reason = reason if reason is not None else message
+
+    @classmethod
+    def for_file(
+        cls, path: str | os.PathLike, problem: str, fix: str | None = None, *, reason: str | None = None
+    ) -> DataError:
+        """Make a `DataError` whose message is ``file_message(path, problem, fix)``.
+
+        Args:
+            path: the offending file.
+            problem: what is wrong, with details (shapes, exception text).
+            fix: what to do about it, or None.
+            reason: the short category used in skip reports; defaults to ``problem``.
+        """
+        return cls(file_message(path, problem, fix), path=path, reason=reason if reason is not None else problem)
