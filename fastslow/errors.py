@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DataError", "file_message"]
+__all__ = ["DataError", "UserError", "file_message"]
+
+
+class UserError(ValueError):
+    """A problem the user fixes by changing the command, not the code: e.g. an index or a cache that
+    was built by another model. Tools print the message without a traceback."""
 
 
 def file_message(path: str | os.PathLike, problem: str, fix: str | None = None) -> str:
