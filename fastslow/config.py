@@ -174,6 +174,27 @@ def load_recipe(argv: Sequence[str] | None = None, *, prog: str | None = None) -
     return cfg
 
 
+def check_data_files(cfg: DictConfig) -> None:
+    """Fail before any work when a dataset file the recipe names is absent (seconds, not minutes in)."""
+    d = cfg.data
+    if d.dataset in ("shapes", "shapes_video"):
+        return
+    if d.dataset == "karpathy":
+        wanted = [("data.ann_file", d.ann_file), ("data.image_dir", d.image_dir)]
+    else:
+        wanted = [("data.ann_train", d.ann_train), ("data.ann_val", d.ann_val), ("data.feature_dir", d.feature_dir)]
+    hints = {
+        "karpathy": "the Karpathy split file (dataset_flickr30k.json / dataset_coco.json) and the image folder",
+        "vatex": "vatex_training_v1.0.json, vatex_validation_v1.0.json and a folder of I3D <videoID>.npy features",
+    }
+    for key, path in wanted:
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"{path} not found ({key}). recipe={cfg.recipe} expects {hints[d.dataset]} under "
+                f"data.root={d.root}; set data.root=/path/to/your/copy (or {key}=...). See README, 'Your own data'"
+            )
+
+
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config next to a run (atomically), so the run can be rebuilt without the recipe."""
     path = Path(path)

@@ -31,3 +31,24 @@ def configure_threads(num_threads: int = 0) -> int:
     except ImportError:  # pragma: no cover - torch is a hard dependency; keep this module import-light
         pass
     return n
+
+
+def run(main) -> None:
+    """Run a tool's `main()`, turning user errors into one clear line on stderr and exit status 2.
+
+    User errors are a bad recipe or override (ConfigError), a missing input (FileNotFoundError), bad
+    data (DataError) and a stale cache or index (UserError); a bug still shows its traceback (set
+    FASTSLOW_TRACEBACK=1 to see it for user errors too).
+    """
+    import sys
+
+    from fastslow.config import ConfigError
+    from fastslow.errors import DataError, UserError
+
+    try:
+        main()
+    except (FileNotFoundError, ConfigError, DataError, UserError) as e:
+        if os.environ.get("FASTSLOW_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

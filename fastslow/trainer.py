@@ -154,6 +154,8 @@ class Trainer:
         on_step_end: `(trainer) -> None` after every optimizer step (e.g. to refresh mined negatives).
         extra_files: files copied into every checkpoint and the final directory (config.yaml,
             tokenizer.json), so each is self-describing.
+        checkpoint_objects: objects with `state_dict()` / `load_state_dict()` saved in every
+            checkpoint and restored on resume (e.g. the mined-candidate bank).
         num_workers: DataLoader workers.
     """
 
@@ -171,6 +173,7 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         on_step_end: Callable[[Trainer], None] | None = None,
         extra_files: dict[str, str | os.PathLike] | None = None,
+        checkpoint_objects: list | None = None,
         num_workers: int = 0,
     ):
         self.cfg, self.seed, self.out_dir = cfg, seed, Path(out_dir)
@@ -212,6 +215,8 @@ class Trainer:
             optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.max_steps)
         )
         acc.register_for_checkpointing(self.scheduler)
+        for obj in checkpoint_objects or []:
+            acc.register_for_checkpointing(obj)
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         acc.init_trackers("tb")
@@ -250,7 +255,8 @@ class Trainer:
     def _write_final_files(self, directory: Path) -> None:
         save_safetensors(self.model_state_dict(), directory / "model.safetensors")
         for name, src in self.extra_files.items():
-            shutil.copyfile(src, directory / name)
+            if Path(src).resolve() != (directory / name).resolve():
+                shutil.copyfile(src, directory / name)
 
     def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint atomically and prune old ones; returns its path."""

@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the whole pipeline on the built-in shapes data
+#   make test   set up .venv and run the test suite
+# Both need only Python 3.10+ (and make). RECIPE=shapes_video make demo runs the video pipeline.
+
+PYTHON ?= python3
+VENV ?= .venv
+RECIPE ?= shapes
+BIN := $(VENV)/bin
+LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_processes 1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@echo "== 1/5 data: the built-in $(RECIPE) scenes"
+	$(BIN)/python tools/make_shapes.py recipe=$(RECIPE)
+	@echo "== 2/5 Slow teacher: bi-directional captioner"
+	$(BIN)/python tools/train_teacher.py recipe=$(RECIPE)
+	@echo "== 3/5 Fast student: distillation under accelerate + DeepSpeed ZeRO-2"
+	$(LAUNCH) tools/distill.py recipe=$(RECIPE)
+	@echo "== 4/5 faiss index over the test gallery, with the teacher's cached visual tokens"
+	$(BIN)/python tools/build_index.py recipe=$(RECIPE)
+	@echo "== 5/5 Fast, Slow and Fast+Slow@k on the test split"
+	$(BIN)/python tools/rerank_eval.py recipe=$(RECIPE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

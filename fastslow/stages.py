@@ -1,0 +1,203 @@
+"""Glue from a recipe to the library, shared by the tools so that each tool stays a short script.
+
+The library itself takes plain keyword arguments (`create_teacher(**kw)`, `load_karpathy(...)`); the
+functions here read the recipe sections, apply the conventions of a run directory
+(`${output_dir}/teacher`, `/student`, `/index`, `/eval`, a shared `tokenizer.json`) and build things.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fastslow.config import ConfigError, load_saved_config, save_config, to_kwargs
+from fastslow.data import (
+    FeatureLoader,
+    ImageLoader,
+    RetrievalSplit,
+    load_karpathy,
+    load_vatex,
+    read_vatex_ids,
+    vatex_retrieval_split,
+)
+from fastslow.tokenizer import TextTokenizer, load_pretrained_tokenizer, train_tokenizer
+
+IMAGE_DATASETS = ("shapes", "karpathy")
+VIDEO_DATASETS = ("shapes_video", "vatex")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    """`${output_dir}/<stage>` for stage in teacher | student | index | eval."""
+    return Path(cfg.output_dir) / stage
+
+
+def modality(cfg: DictConfig) -> str:
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return "image"
+    if cfg.data.dataset in VIDEO_DATASETS:
+        return "video"
+    raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not one of {', '.join(IMAGE_DATASETS + VIDEO_DATASETS)}")
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------- data
+
+
+def _generator_params(cfg: DictConfig) -> dict[str, Any]:
+    return to_kwargs(cfg.data.generate)
+
+
+def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
+    """Generate the built-in shapes data under `data.root` when it is missing or was made with other
+    settings (it is deterministic and takes seconds, so regenerating beats a confusing mismatch)."""
+    from fastslow.data import shapes
+
+    if cfg.data.dataset not in ("shapes", "shapes_video"):
+        return
+    root = Path(cfg.data.root)
+    params = _generator_params(cfg)
+    stamp = root / "generator.json"
+    wanted = {"dataset": cfg.data.dataset, **params}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return
+    if accelerator is None or accelerator.is_main_process:
+        print(f"generating the built-in {cfg.data.dataset} data in {root} ...", flush=True)
+        fn = shapes.generate_shapes if cfg.data.dataset == "shapes" else shapes.generate_shapes_video
+        summary = fn(root, **params)
+        if cfg.data.dataset == "shapes_video" and summary["n_val"] != cfg.data.n_val:
+            raise ConfigError(f"data.n_val={cfg.data.n_val} but the generator wrote {summary['n_val']} val videos "
+                              f"(n_val_groups x group_size): set data.n_val={summary['n_val']}")
+        print(f"  {summary}", flush=True)
+        stamp.write_text(json.dumps(wanted, indent=1))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def load_split(cfg: DictConfig, split: str) -> RetrievalSplit:
+    """One split (train | val | test) of the recipe's dataset, failing fast on missing files."""
+    d = cfg.data
+    if d.dataset in IMAGE_DATASETS:
+        return load_karpathy(d.ann_file, d.image_dir, split, on_error=d.on_error, max_captions=d.max_captions)
+    if split == "train":
+        return load_vatex(d.ann_train, d.feature_dir, on_error=d.on_error, max_captions=d.max_captions)
+    ids = vatex_retrieval_split(read_vatex_ids(d.ann_val), n_val=d.n_val)[split]
+    return load_vatex(d.ann_val, d.feature_dir, on_error=d.on_error, select=ids, max_captions=d.max_captions)
+
+
+def visual_loader(cfg: DictConfig):
+    """The per-item loader: images -> [3, S, S]; video features -> ([T, D], [T])."""
+    if modality(cfg) == "image":
+        return ImageLoader(cfg.data.image_size)
+    return FeatureLoader(cfg.data.max_frames, feature_dim=cfg.data.feature_dim)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def tokenizer_path(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / "tokenizer.json"
+
+
+def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerator=None) -> TextTokenizer:
+    """The run's tokenizer: a local pretrained one (tokenizer.path), or one trained on the training
+    captions once and saved as `${output_dir}/tokenizer.json` for every later stage to reuse."""
+    path = tokenizer_path(cfg)
+    if not path.is_file():
+        if accelerator is None or accelerator.is_main_process:
+            if cfg.tokenizer.path:
+                tok = load_pretrained_tokenizer(cfg.tokenizer.path)
+            else:
+                if train_split is None:
+                    raise FileNotFoundError(f"{path} not found: run tools/train_teacher.py recipe={cfg.recipe} first")
+                tok = train_tokenizer(train_split.captions, vocab_size=cfg.tokenizer.vocab_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tok.save(path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    return TextTokenizer.from_file(path)
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_kwargs(cfg: DictConfig, section: DictConfig, tokenizer: TextTokenizer) -> dict[str, Any]:
+    """Builder arguments: the recipe section plus what the data decides (vocabulary, sizes, modality)."""
+    kw = to_kwargs(section, drop=("name",))
+    kw.update(modality=modality(cfg), vocab_size=tokenizer.vocab_size, max_length=cfg.data.max_length)
+    if modality(cfg) == "image":
+        kw["image_size"] = cfg.data.image_size
+    else:
+        kw["feature_dim"] = cfg.data.feature_dim
+    return {k: v for k, v in kw.items() if v is not None}  # null in a recipe: the builder's default
+
+
+def build_teacher(cfg: DictConfig, tokenizer: TextTokenizer) -> torch.nn.Module:
+    from teachers import create_teacher
+
+    return create_teacher(cfg.teacher.name, **model_kwargs(cfg, cfg.teacher, tokenizer))
+
+
+def build_student(cfg: DictConfig, tokenizer: TextTokenizer) -> torch.nn.Module:
+    from students import create_student
+
+    kw = model_kwargs(cfg, cfg.student, tokenizer)
+    if modality(cfg) == "video":
+        kw["max_frames"] = cfg.data.max_frames  # the video tower's position table covers the loader's T
+    return create_student(cfg.student.name, **kw)
+
+
+def weights_hash(path: str | os.PathLike) -> str:
+    """Short sha256 of a weights file: stamps caches and indexes with the model that made them."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Module, DictConfig, TextTokenizer]:
+    """Rebuild a trained teacher or student from its directory alone (config.yaml, tokenizer.json,
+    model.safetensors), in eval mode with gradients off.
+
+    Args:
+        directory: a stage directory (`runs/shapes/teacher`) or one of its checkpoints.
+        kind: "teacher" or "student".
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        stage = "train_teacher.py" if kind == "teacher" else "distill.py"
+        raise FileNotFoundError(f"{weights} not found: train it first with tools/{stage} (same recipe and output_dir)")
+    cfg = load_saved_config(directory / "config.yaml")
+    tok = TextTokenizer.from_file(directory / "tokenizer.json")
+    model = build_teacher(cfg, tok) if kind == "teacher" else build_student(cfg, tok)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{weights} does not match {cfg[kind].name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.eval().requires_grad_(False)
+    return model, cfg, tok
+
+
+def save_run_config(cfg: DictConfig, directory: Path) -> Path:
+    path = directory / "config.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def print_config(cfg: DictConfig, accelerator=None) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        print(OmegaConf.to_yaml(cfg), flush=True)

@@ -1,0 +1,85 @@
+"""Stage 4a: index a gallery for query time -- the student's faiss index and the teacher's visual tokens.
+
+    python tools/build_index.py recipe=shapes
+    python tools/build_index.py recipe=coco data.root=/data/coco index.kind=ivfpq index.pq_m=32
+    accelerate launch --num_processes 4 tools/build_index.py recipe=coco ...   # gallery encoding sharded across ranks
+
+The gallery is the items of the `eval.split` split. Writes ${output_dir}/index/: index.faiss and
+manifest.json (student hash, item ids, kind), embeddings.npy (exact reference), and tokens/ (the
+teacher's visual tokens, memory-mapped fp16, stamped with the teacher hash) so reranking never runs
+the teacher's backbone. Gallery encoding is resumable (chunks under index/student_chunks/).
+"""
+
+from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
+
+
+def main(argv=None) -> None:
+    from fastslow.config import check_data_files, load_recipe
+
+    cfg = load_recipe(argv, prog="build_index.py")
+    check_data_files(cfg)
+    configure_threads(cfg.num_threads)
+
+    import time
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from fastslow import stages
+    from fastslow.data import VisualDataset, collate
+    from fastslow.evaluation import iter_items, visual_args
+    from fastslow.index import build_index, hash_ids, index_info, save_index
+    from teachers import TokenStore
+
+    acc = Accelerator()
+    out = stages.stage_dir(cfg, "index")
+    student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
+    student, _, _ = stages.load_trained(student_dir, "student")
+    teacher, _, _ = stages.load_trained(teacher_dir, "teacher")
+    student_hash = stages.weights_hash(student_dir / "model.safetensors")
+    teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
+    stages.ensure_shapes(cfg, acc)
+    split = stages.load_split(cfg, cfg.eval.split)
+    load_visual = stages.visual_loader(cfg)
+    student.to(acc.device)
+
+    # Student embeddings: each process encodes its share of the gallery, gathered in item order.
+    from fastslow.index import encode_gallery
+
+    loader = DataLoader(VisualDataset(split, load_visual), batch_size=cfg.index.batch_size, collate_fn=collate)
+    t0 = time.perf_counter()
+    emb = encode_gallery(lambda b: student.encode_visual(*visual_args(b)), acc.prepare(loader), accelerator=acc,
+                         out_path=out / "student_chunks",
+                         stamp={"student_hash": student_hash, "gallery_hash": hash_ids(split.item_ids)})
+    t_student = time.perf_counter() - t0
+    if acc.is_main_process:
+        t0 = time.perf_counter()
+        index = build_index(np.ascontiguousarray(emb, dtype=np.float32), kind=cfg.index.kind, nlist=cfg.index.nlist,
+                            nprobe=cfg.index.nprobe, pq_m=cfg.index.pq_m, hnsw_m=cfg.index.hnsw_m,
+                            ef_search=cfg.index.ef_search, seed=cfg.seed)
+        t_index = time.perf_counter() - t0
+        save_index(out, index, {"item_ids": split.item_ids, "student_hash": student_hash, "teacher_hash": teacher_hash,
+                                "split": split.name, "item_paths": split.item_paths})
+        np.save(out / "embeddings.npy", emb.astype(np.float32))
+
+        # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
+        t0 = time.perf_counter()
+        teacher.to(acc.device)
+        with torch.no_grad():
+            chunks = (teacher.encode_visual(*args).to(device="cpu")
+                      for _, args in iter_items(split, load_visual, cfg.index.batch_size, acc.device))
+            store = TokenStore.write(out / "tokens", split.item_ids, chunks,
+                                     meta={"teacher_hash": teacher_hash, "gallery_hash": hash_ids(split.item_ids)},
+                                     overwrite=True)
+        t_tokens = time.perf_counter() - t0
+        info = index_info(index)
+        print(f"index {info['kind']} {info['params']} over {split.n_items} items of {split.name} -> {out}\n"
+              f"  student encoding {t_student:.1f}s, index build {t_index:.2f}s, teacher tokens {t_tokens:.1f}s "
+              f"({store.shape} fp16, {np.prod(store.shape) * 2 / 2**20:.1f} MiB)")
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run(main)

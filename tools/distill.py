@@ -1,0 +1,97 @@
+"""Stage 2: distil the Slow teacher into the Fast student (symmetric InfoNCE + KL to the teacher).
+
+    accelerate launch --config_file accelerate_config.yaml tools/distill.py recipe=shapes
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 tools/distill.py recipe=coco data.root=/data/coco
+    python tools/distill.py recipe=shapes loss.distill=none         # the plain dual encoder, for comparison
+    python tools/distill.py recipe=smoke
+
+Reads the teacher from ${output_dir}/teacher/ (tools/train_teacher.py) and writes ${output_dir}/student/:
+model.safetensors, config.yaml, tokenizer.json, checkpoints/, tb/. Teacher scores are cached in
+${output_dir}/cache/ and reused by later runs with the same teacher.
+"""
+
+from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
+
+
+def main(argv=None) -> None:
+    from fastslow.config import check_data_files, load_recipe
+
+    cfg = load_recipe(argv, prog="distill.py")  # strict: a typo fails here, before any work
+    check_data_files(cfg)  # a missing dataset file fails in a second, before torch loads
+    configure_threads(cfg.num_threads)
+
+    from fastslow import stages
+    from fastslow.config import to_kwargs
+    from fastslow.data import collate
+    from fastslow.distill import CandidateMiner, DistillBatcher, DistillObjective, TeacherPairScorer, split_hash
+    from fastslow.evaluation import evaluate_student, pair_dataset
+    from fastslow.score_cache import TeacherScoreCache
+    from fastslow.trainer import TrainConfig, Trainer, make_accelerator
+
+    out, cache_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "cache")
+    train_cfg = TrainConfig(**to_kwargs(cfg.train))
+    acc = make_accelerator(out, train_cfg.grad_accum)
+    stages.print_config(cfg, acc)
+    stages.ensure_shapes(cfg, acc)
+    mode = cfg.loss.distill
+    teacher_dir = stages.stage_dir(cfg, "teacher")
+    train, val = stages.load_split(cfg, "train"), stages.load_split(cfg, "val")
+    tok = stages.get_tokenizer(cfg, train, acc)
+    load_visual = stages.visual_loader(cfg)
+    student = stages.build_student(cfg, tok)
+    acc.print(f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
+              f"distillation: {mode}")
+
+    batcher, checkpoint_objects = DistillBatcher("none"), []
+    if mode != "none":
+        teacher, _, teacher_tok = stages.load_trained(teacher_dir, "teacher")
+        if teacher_tok.vocab_size != tok.vocab_size:
+            raise RuntimeError(f"the teacher in {teacher_dir} uses another tokenizer than {stages.tokenizer_path(cfg)}")
+        teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
+        scorer = TeacherPairScorer(teacher.to(acc.device), teacher_hash, train, load_visual, tok,
+                                   cfg.data.max_length, cache_dir / "teacher_tokens_train", is_main=acc.is_main_process)
+        acc.wait_for_everyone()
+        cache = TeacherScoreCache(cache_dir / f"teacher_scores_{mode}", teacher_hash=teacher_hash, source=mode,
+                                  dataset_hash=split_hash(train), n_items=train.n_items)
+        miner = None
+        if mode == "listwise":
+            miner = CandidateMiner(train, load_visual, tok, cfg.data.max_length, cfg.loss.listwise_k)
+            checkpoint_objects.append(miner)
+        batcher = DistillBatcher(mode, scorer, cache, miner, cfg.loss.mine_every)
+
+    objective = DistillObjective(student, contrastive_weight=cfg.loss.contrastive_weight,
+                                 distill_weight=cfg.loss.distill_weight,
+                                 teacher_temperature=cfg.loss.teacher_temperature,
+                                 student_temperature=cfg.loss.student_temperature)
+
+    def validate(obj):
+        return evaluate_student(obj.model, val, load_visual, tok, max_length=cfg.data.max_length)
+
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        stages.save_run_config(cfg, out)
+    acc.wait_for_everyone()
+    trainer = Trainer(
+        objective,
+        pair_dataset(train, load_visual, tok, cfg.data.max_length, cfg.data.on_error),
+        collate_fn=collate,
+        out_dir=out,
+        cfg=train_cfg,
+        seed=cfg.seed,
+        accelerator=acc,
+        prepare_batch=batcher,
+        evaluate=validate,
+        on_step_end=batcher.on_step_end,
+        extra_files={"config.yaml": out / "config.yaml", "tokenizer.json": stages.tokenizer_path(cfg)},
+        checkpoint_objects=checkpoint_objects,
+        num_workers=cfg.data.num_workers,
+    )
+    if mode == "listwise" and batcher.miner.item_emb is None:  # a fresh run: mine with the initial student
+        batcher.miner.refresh(trainer.unwrapped().model)
+    state = trainer.train()
+    acc.print(f"student saved to {out} after {state.step} steps; teacher pairs scored this run: "
+              f"{batcher.pairs_scored}; last val: {state.history[-1] if state.history else '-'}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,77 @@
+"""Stage 1: train the Slow teacher (a cross-attention captioner) with the bi-directional captioning loss.
+
+    python tools/train_teacher.py recipe=shapes
+    accelerate launch --config_file accelerate_config.yaml tools/train_teacher.py recipe=flickr data.root=/data/flickr30k
+    python tools/train_teacher.py recipe=smoke            # a few seconds: checks an install
+
+Writes ${output_dir}/teacher/: model.safetensors, config.yaml, tokenizer.json, checkpoints/, tb/.
+Validation reports the teacher's text->item retrieval on the val split (full ranking).
+"""
+
+from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
+
+
+def main(argv=None) -> None:
+    from fastslow.config import check_data_files, load_recipe
+
+    cfg = load_recipe(argv, prog="train_teacher.py")  # strict: a typo fails here, before any work
+    check_data_files(cfg)  # a missing dataset file fails in a second, before torch loads
+    configure_threads(cfg.num_threads)
+
+    from torch import nn
+
+    from fastslow import stages
+    from fastslow.config import to_kwargs
+    from fastslow.data import collate
+    from fastslow.evaluation import evaluate_teacher, pair_dataset, visual_args
+    from fastslow.trainer import TrainConfig, Trainer, make_accelerator
+
+    out = stages.stage_dir(cfg, "teacher")
+    train_cfg = TrainConfig(**to_kwargs(cfg.teacher_train))
+    acc = make_accelerator(out, train_cfg.grad_accum)
+    stages.print_config(cfg, acc)
+    stages.ensure_shapes(cfg, acc)
+    train, val = stages.load_split(cfg, "train"), stages.load_split(cfg, "val")
+    tok = stages.get_tokenizer(cfg, train, acc)
+    load_visual = stages.visual_loader(cfg)
+    teacher = stages.build_teacher(cfg, tok)
+    acc.print(f"teacher {cfg.teacher.name}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters; "
+              f"train {train.n_items} items / {train.n_texts} captions, val {val.n_items} / {val.n_texts}")
+
+    class CaptioningObjective(nn.Module):
+        """forward(batch) -> the teacher's loss parts; the trainer saves `self.model`."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            visual = self.model.encode_visual(*visual_args(batch))
+            return self.model.loss(visual, batch["input_ids"], batch["attention_mask"])
+
+    def validate(objective):
+        return evaluate_teacher(objective.model, val, load_visual, tok, max_length=cfg.data.max_length,
+                                text_batch=cfg.eval.text_batch)
+
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        stages.save_run_config(cfg, out)
+    acc.wait_for_everyone()
+    trainer = Trainer(
+        CaptioningObjective(teacher),
+        pair_dataset(train, load_visual, tok, cfg.data.max_length, cfg.data.on_error),
+        collate_fn=collate,
+        out_dir=out,
+        cfg=train_cfg,
+        seed=cfg.seed,
+        accelerator=acc,
+        evaluate=validate,
+        extra_files={"config.yaml": out / "config.yaml", "tokenizer.json": stages.tokenizer_path(cfg)},
+        num_workers=cfg.data.num_workers,
+    )
+    state = trainer.train()
+    acc.print(f"teacher saved to {out} after {state.step} steps; last val: {state.history[-1] if state.history else '-'}")
+
+
+if __name__ == "__main__":
+    run(main)
