@@ -252,7 +252,8 @@ class DualEncoder(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.visual = ImageTower(cfg) if cfg.modality == "image" else VideoTower(cfg)
         self.text = TextTower(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
 
     def _require(self, modality: str) -> None:
         if self.modality != modality:
@@ -322,7 +323,7 @@ class DualEncoder(nn.Module):
         The clamp (open_clip practice, at 100) stops the temperature collapsing, which would make the
         contrastive loss degenerate; the gradient is zero while the cap is active.
         """
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale).squeeze(0)
 
     def forward(
         self, visual: Tensor, input_ids: Tensor, attention_mask: Tensor, frame_mask: Tensor | None = None
