@@ -1,0 +1,296 @@
+"""Cacheable visual tokens of the Slow teacher and their memory-mapped on-disk store.
+
+The teacher's visual side runs once, offline: `Captioner.encode_visual` returns a `VisualTokens` batch holding
+everything the text decoder needs for an item, and `TokenStore` keeps a gallery of them on disk as fp16 so that the
+query-time reranker reads the top-k items' tokens without ever running the backbone again.
+
+Store layout (one directory, written to a temporary sibling and renamed, so readers never see a half-written store)::
+
+    tokens.npy   float16 [num_items, num_tokens, dim]   (np.lib.format, memory-mapped on open)
+    mask.npy     bool    [num_items, num_tokens]        (only when the tokens carry a padding mask, e.g. video)
+    ids.json     [str] * num_items                      (item ids, row order)
+    meta.json    {"format", "version", "num_items", "num_tokens", "dim", "dtype", "has_mask", "meta": {caller's}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["VisualTokens", "TokenStore"]
+
+_FORMAT = "fastslow.TokenStore"
+_VERSION = 1
+
+
+@dataclass
+class VisualTokens:
+    """A batch of visual tokens: everything the teacher's decoder needs for each item.
+
+    Attributes:
+        tokens: [B, N, D] tokens of all visual scales concatenated coarse -> fine.
+        mask: [B, N] bool, True = real token (video padding is False), or None when every token is real (images).
+    """
+
+    tokens: Tensor
+    mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 3:
+            raise ValueError(f"VisualTokens.tokens must be [B, N, D], got shape {tuple(self.tokens.shape)}")
+        if self.mask is not None:
+            if self.mask.shape != self.tokens.shape[:2]:
+                raise ValueError(
+                    f"VisualTokens.mask must be [B, N] = {tuple(self.tokens.shape[:2])}, got {tuple(self.mask.shape)}"
+                )
+            if self.mask.dtype != torch.bool:
+                self.mask = self.mask.bool()
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, idx: int | slice | Sequence[int] | Tensor | np.ndarray) -> VisualTokens:
+        """Select items; an int keeps the batch dimension (a batch of one), so the result is always [b, N, D]."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(idx, None)
+        elif isinstance(idx, (list, tuple, np.ndarray)):
+            idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.tokens.device)
+        elif isinstance(idx, Tensor):
+            idx = idx.to(self.tokens.device)
+        return VisualTokens(self.tokens[idx], None if self.mask is None else self.mask[idx])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VisualTokens:
+        """Move to `device` and cast the tokens (never the bool mask) to `dtype`."""
+        mask = None if self.mask is None else self.mask.to(device=device)
+        return VisualTokens(self.tokens.to(device=device, dtype=dtype), mask)
+
+    @classmethod
+    def cat(cls, items: Sequence[VisualTokens]) -> VisualTokens:
+        """Concatenate batches along the item axis.
+
+        Batches with fewer tokens are right-padded with zero tokens marked False in the mask (video galleries whose
+        clips were padded to different lengths); a missing mask counts as all True.
+        """
+        if not items:
+            raise ValueError("VisualTokens.cat needs at least one batch")
+        n_max = max(it.num_tokens for it in items)
+        need_mask = any(it.mask is not None or it.num_tokens != n_max for it in items)
+        tokens, masks = [], []
+        for it in items:
+            pad = n_max - it.num_tokens
+            tok = it.tokens
+            mask = it.mask if it.mask is not None else torch.ones(tok.shape[:2], dtype=torch.bool, device=tok.device)
+            if pad:
+                tok = torch.nn.functional.pad(tok, (0, 0, 0, pad))
+                mask = torch.nn.functional.pad(mask, (0, pad), value=False)
+            tokens.append(tok)
+            masks.append(mask)
+        return cls(torch.cat(tokens), torch.cat(masks) if need_mask else None)
+
+
+def _as_chunks(tokens: VisualTokens | Iterable[VisualTokens]) -> Iterator[VisualTokens]:
+    if isinstance(tokens, VisualTokens):
+        yield tokens
+    else:
+        yield from tokens
+
+
+def _owned(a: np.ndarray) -> np.ndarray:
+    """A writable in-memory array: fancy indexing already copied the rows; a slice of the read-only map is copied."""
+    return a if a.flags.writeable and a.flags.c_contiguous and not isinstance(a, np.memmap) else np.array(a)
+
+
+class TokenStore:
+    """A memory-mapped fp16 store of `VisualTokens`, one row per item id.
+
+    Example::
+
+        TokenStore.write(out / "tokens", ids, (teacher.encode_visual(x) for x in loader), meta={"teacher": sha})
+        store = TokenStore.open(out / "tokens")
+        vt = store[[store.index_of("img_17.jpg"), 3]]      # VisualTokens, float32 [2, N, D]
+    """
+
+    def __init__(self, path: Path, tokens: np.ndarray, mask: np.ndarray | None, ids: list[str], meta: dict):
+        self.path = path
+        self._tokens = tokens
+        self._mask = mask
+        self.ids = ids
+        self.meta = meta
+        self._index = {item_id: i for i, item_id in enumerate(ids)}
+        if len(self._index) != len(ids):
+            raise ValueError(f"{path}: duplicate item ids in ids.json")
+
+    # ---------------------------------------------------------------- writing
+    @classmethod
+    def write(
+        cls,
+        path: str | os.PathLike,
+        ids: Sequence[str],
+        tokens: VisualTokens | Iterable[VisualTokens],
+        meta: dict[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> TokenStore:
+        """Write a store atomically (temporary sibling directory, then rename).
+
+        Args:
+            path: store directory to create.
+            ids: one id per item, in row order.
+            tokens: all items at once, or an iterable of chunks (e.g. a generator over a gallery larger than RAM);
+                chunks are written to the memory map as they arrive. Their total length must equal `len(ids)`.
+            meta: caller's metadata (teacher checkpoint hash, scale sizes, ...), saved under `meta.json["meta"]`.
+            overwrite: replace an existing store at `path`; otherwise an existing path is an error.
+
+        Returns:
+            The store, opened read-only from its final location.
+        """
+        path = Path(path)
+        ids = [str(i) for i in ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError("TokenStore.write: item ids must be unique")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            n_tok, dim, has_mask = cls._write_arrays(tmp, len(ids), _as_chunks(tokens))
+            (tmp / "ids.json").write_text(json.dumps(ids))
+            info = dict(
+                format=_FORMAT,
+                version=_VERSION,
+                num_items=len(ids),
+                num_tokens=n_tok,
+                dim=dim,
+                dtype="float16",
+                has_mask=has_mask,
+                meta=dict(meta or {}),
+            )
+            (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
+            if path.exists():
+                # os.replace cannot replace a non-empty directory: move the old store aside first.
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    @staticmethod
+    def _write_arrays(tmp: Path, n_items: int, chunks: Iterator[VisualTokens]) -> tuple[int, int, bool]:
+        arr = mask = None
+        row = 0
+        for chunk in chunks:
+            tok = chunk.tokens.detach().to("cpu", torch.float32).numpy()
+            if arr is None:
+                n_tok, dim = tok.shape[1:]
+                arr = np.lib.format.open_memmap(
+                    tmp / "tokens.npy", mode="w+", dtype=np.float16, shape=(n_items, n_tok, dim)
+                )
+            if tok.shape[1:] != arr.shape[1:]:
+                raise ValueError(f"chunk of shape {tok.shape[1:]} does not match the store's {arr.shape[1:]}")
+            if row + len(tok) > n_items:
+                raise ValueError(f"more token rows than ids ({n_items})")
+            half = tok.astype(np.float16)
+            if not np.isfinite(half).all():
+                # fp16 saturates at 65504; the teacher's tokens are layer-normed, so this signals a bug upstream.
+                raise ValueError(f"non-finite tokens in rows {row}..{row + len(tok)} after the cast to float16")
+            arr[row : row + len(tok)] = half
+            if chunk.mask is not None and mask is None:
+                # The mask appears late: rows written so far had no padding.
+                mask = np.lib.format.open_memmap(tmp / "mask.npy", mode="w+", dtype=np.bool_, shape=arr.shape[:2])
+                mask[:row] = True
+            if mask is not None:
+                mask[row : row + len(tok)] = True if chunk.mask is None else chunk.mask.cpu().numpy()
+            row += len(tok)
+        if arr is None:
+            raise ValueError("TokenStore.write: no token chunks were given")
+        if row != n_items:
+            raise ValueError(f"TokenStore.write: got {row} token rows for {n_items} ids")
+        arr.flush()
+        if mask is not None:
+            mask.flush()
+        return int(arr.shape[1]), int(arr.shape[2]), mask is not None
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, mmap: bool = True) -> TokenStore:
+        """Open a store; with `mmap` the arrays stay on disk and rows are read on indexing."""
+        path = Path(path)
+        info = json.loads((path / "meta.json").read_text())
+        if info.get("format") != _FORMAT:
+            raise ValueError(f"{path}/meta.json: not a {_FORMAT} (format={info.get('format')!r})")
+        mode = "r" if mmap else None
+        tokens = np.load(path / "tokens.npy", mmap_mode=mode)
+        mask = np.load(path / "mask.npy", mmap_mode=mode) if info["has_mask"] else None
+        ids = json.loads((path / "ids.json").read_text())
+        if tokens.shape != (info["num_items"], info["num_tokens"], info["dim"]) or len(ids) != info["num_items"]:
+            raise ValueError(f"{path}: tokens.npy {tokens.shape} / ids.json ({len(ids)}) disagree with meta.json")
+        return cls(path, tokens, mask, ids, info)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self._tokens.shape)
+
+    def index_of(self, item_id: str) -> int:
+        """Row of `item_id`; KeyError names the store when it is absent."""
+        try:
+            return self._index[item_id]
+        except KeyError:
+            raise KeyError(f"item id {item_id!r} is not in the token store {self.path}") from None
+
+    def get(
+        self,
+        indices: int | slice | Sequence[int] | np.ndarray | Tensor,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> VisualTokens:
+        """Read rows as `VisualTokens` ([b, N, D] in `dtype`; an int gives a batch of one)."""
+        if isinstance(indices, int):
+            indices = [indices]
+        elif isinstance(indices, Tensor):
+            indices = indices.cpu().numpy()
+        if not isinstance(indices, slice):
+            indices = np.asarray(indices, dtype=np.int64)
+        tok = torch.from_numpy(_owned(self._tokens[indices])).to(device=device, dtype=dtype)
+        mask = None if self._mask is None else torch.from_numpy(_owned(self._mask[indices])).to(device=device)
+        return VisualTokens(tok, mask)
+
+    def __getitem__(self, indices: int | slice | Sequence[int] | np.ndarray | Tensor) -> VisualTokens:
+        return self.get(indices)
+
+    def __repr__(self) -> str:
+        return f"TokenStore({str(self.path)!r}, items={len(self)}, tokens={self.shape[1]}, dim={self.shape[2]})"
