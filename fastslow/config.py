@@ -45,7 +45,9 @@ def _recipe_path(name: str) -> Path:
     else:
         path = RECIPE_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"recipe={name}: no such recipe ({path} does not exist). Choose one of: {', '.join(list_recipes())}")
+        raise ConfigError(
+            f"recipe={name}: no such recipe ({path} does not exist). Choose one of: {', '.join(list_recipes())}"
+        )
     return path
 
 
@@ -132,7 +134,9 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     resume = str(OmegaConf.select(cfg, "train.resume"))
     if resume not in ("auto", "none") and not Path(resume).exists():
-        raise ConfigError(f"train.resume={resume}: no such checkpoint; use auto, none or an existing checkpoint directory")
+        raise ConfigError(
+            f"train.resume={resume}: no such checkpoint; use auto, none or an existing checkpoint directory"
+        )
 
 
 def load_recipe(argv: Sequence[str] | None = None, *, prog: str | None = None) -> DictConfig:
@@ -150,7 +154,9 @@ def load_recipe(argv: Sequence[str] | None = None, *, prog: str | None = None) -
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
-        print(USAGE.format(prog=prog or Path(sys.argv[0]).name, recipes=", ".join(list_recipes()), default=DEFAULT_RECIPE))
+        print(
+            USAGE.format(prog=prog or Path(sys.argv[0]).name, recipes=", ".join(list_recipes()), default=DEFAULT_RECIPE)
+        )
         raise SystemExit(0)
     names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
     if len(names) > 1:

@@ -59,8 +59,18 @@ class TeacherPairScorer:
         chunk: pairs per teacher call (bounds memory).
     """
 
-    def __init__(self, teacher: nn.Module, teacher_hash: str, split: RetrievalSplit, load_visual, tokenizer:
-                 TextTokenizer, max_length: int, store_dir: str | Path, chunk: int = 2048, is_main: bool = True):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        teacher_hash: str,
+        split: RetrievalSplit,
+        load_visual,
+        tokenizer: TextTokenizer,
+        max_length: int,
+        store_dir: str | Path,
+        chunk: int = 2048,
+        is_main: bool = True,
+    ):
         from teachers import TokenStore
 
         self.teacher = teacher.eval().requires_grad_(False)
@@ -73,8 +83,10 @@ class TeacherPairScorer:
         built = json.loads(meta_path.read_text()).get("meta", {}) if meta_path.is_file() else {}
         if any(built.get(k) != v for k, v in stamp.items()) and is_main:  # absent, or made by another teacher
             with torch.no_grad():
-                chunks = (self.teacher.encode_visual(*args).to(device="cpu")
-                          for _, args in iter_items(split, load_visual, 64, self.device))
+                chunks = (
+                    self.teacher.encode_visual(*args).to(device="cpu")
+                    for _, args in iter_items(split, load_visual, 64, self.device)
+                )
                 TokenStore.write(store_dir, split.item_ids, chunks, meta=stamp, overwrite=True)
         self.store_dir = store_dir
         self._store = None
@@ -95,9 +107,11 @@ class TeacherPairScorer:
         for s in range(0, len(text_idx), self.chunk):
             t, i = text_idx[s : s + self.chunk], item_idx[s : s + self.chunk]
             visual = self.store[i.numpy()].to(device=self.device)
-            out[s : s + len(t)] = self.teacher.score_pairs(
-                visual, self.ids[t].to(self.device), self.mask[t].to(self.device)
-            ).float().cpu()
+            out[s : s + len(t)] = (
+                self.teacher.score_pairs(visual, self.ids[t].to(self.device), self.mask[t].to(self.device))
+                .float()
+                .cpu()
+            )
         return out
 
 
@@ -109,8 +123,13 @@ class CandidateMiner:
     """
 
     def __init__(self, split: RetrievalSplit, load_visual, tokenizer: TextTokenizer, max_length: int, k: int):
-        self.split, self.load_visual, self.tokenizer, self.max_length, self.k = split, load_visual, tokenizer, \
-            max_length, k
+        self.split, self.load_visual, self.tokenizer, self.max_length, self.k = (
+            split,
+            load_visual,
+            tokenizer,
+            max_length,
+            k,
+        )
         self.item_emb: torch.Tensor | None = None
         self.mined: torch.Tensor | None = None
         self.rounds = 0
@@ -151,8 +170,15 @@ class DistillObjective(nn.Module):
     `inbatch_mask`; `listwise_teacher` [B, K+1], `listwise_mask` and `listwise_emb` [B, K+1, E].
     """
 
-    def __init__(self, student: nn.Module, *, contrastive_weight: float = 1.0, distill_weight: float = 1.0,
-                 teacher_temperature: float = 1.0, student_temperature: float | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        *,
+        contrastive_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        teacher_temperature: float = 1.0,
+        student_temperature: float | None = None,
+    ):
         super().__init__()
         self.model = student
         self.contrastive_weight, self.distill_weight = contrastive_weight, distill_weight
@@ -192,8 +218,14 @@ class DistillBatcher:
         mine_every: steps between refreshes.
     """
 
-    def __init__(self, mode: str, scorer: TeacherPairScorer | None = None, cache: TeacherScoreCache | None = None,
-                 miner: CandidateMiner | None = None, mine_every: int = 500):
+    def __init__(
+        self,
+        mode: str,
+        scorer: TeacherPairScorer | None = None,
+        cache: TeacherScoreCache | None = None,
+        miner: CandidateMiner | None = None,
+        mine_every: int = 500,
+    ):
         if mode not in ("none", "inbatch", "listwise"):
             raise ValueError(f"loss.distill={mode!r} is not one of none, inbatch, listwise")
         self.mode, self.scorer, self.cache, self.miner, self.mine_every = mode, scorer, cache, miner, mine_every

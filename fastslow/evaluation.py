@@ -50,8 +50,9 @@ def encode_items_teacher(teacher, split: RetrievalSplit, load_visual: Callable, 
 
 
 @torch.no_grad()
-def teacher_score_matrix(teacher, visual, tokenizer: TextTokenizer, texts: list[str], *, max_length: int,
-                         text_batch: int = 64) -> torch.Tensor:
+def teacher_score_matrix(
+    teacher, visual, tokenizer: TextTokenizer, texts: list[str], *, max_length: int, text_batch: int = 64
+) -> torch.Tensor:
     """Teacher scores of every text against every item: [n_text, n_item] (float32, CPU)."""
     device = next(teacher.parameters()).device
     rows = []
@@ -70,8 +71,9 @@ def encode_items_student(student, split: RetrievalSplit, load_visual: Callable, 
 
 
 @torch.no_grad()
-def encode_texts_student(student, tokenizer: TextTokenizer, texts: list[str], *, max_length: int,
-                         batch_size: int = 256) -> torch.Tensor:
+def encode_texts_student(
+    student, tokenizer: TextTokenizer, texts: list[str], *, max_length: int, batch_size: int = 256
+) -> torch.Tensor:
     """Student embeddings of texts: [n_text, E] float32 on CPU (L2-normalised)."""
     device = next(student.parameters()).device
     out = []
@@ -81,25 +83,35 @@ def encode_texts_student(student, tokenizer: TextTokenizer, texts: list[str], *,
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def evaluate_teacher(teacher, split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, *,
-                     max_length: int, text_batch: int = 64) -> dict[str, float]:
+def evaluate_teacher(
+    teacher,
+    split: RetrievalSplit,
+    load_visual: Callable,
+    tokenizer: TextTokenizer,
+    *,
+    max_length: int,
+    text_batch: int = 64,
+) -> dict[str, float]:
     """Full-ranking retrieval metrics of the teacher on a split (every text against every item)."""
     visual = encode_items_teacher(teacher, split, load_visual)
-    scores = teacher_score_matrix(teacher, visual, tokenizer, split.captions, max_length=max_length,
-                                  text_batch=text_batch)
+    scores = teacher_score_matrix(
+        teacher, visual, tokenizer, split.captions, max_length=max_length, text_batch=text_batch
+    )
     return retrieval_metrics(scores, split.text_to_visual)
 
 
-def evaluate_student(student, split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, *,
-                     max_length: int) -> dict[str, float]:
+def evaluate_student(
+    student, split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, *, max_length: int
+) -> dict[str, float]:
     """Exact (brute-force dot product) retrieval metrics of the student on a split."""
     items = encode_items_student(student, split, load_visual)
     texts = encode_texts_student(student, tokenizer, split.captions, max_length=max_length)
     return retrieval_metrics(texts @ items.T, split.text_to_visual)
 
 
-def pair_dataset(split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, max_length: int,
-                 on_error: str = "raise") -> PairDataset:
+def pair_dataset(
+    split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, max_length: int, on_error: str = "raise"
+) -> PairDataset:
     """The training dataset: one sample per caption."""
     return PairDataset(split, load_visual, tokenizer, max_length, on_error=on_error)
 
@@ -110,15 +122,25 @@ class StoreTeacherScorer:
 
     Args:
         teacher: the trained teacher (eval mode, no gradients).
-        store: the gallery's `TokenStore` (`${output_dir}/index/tokens`).
+        store: the gallery's `TokenStore` (`${output_dir}/index/tokens`), or `VisualTokens` in memory.
         tokenizer, max_length: how query texts become ids.
         chunk: pairs per teacher call (bounds memory).
     """
 
     def __init__(self, teacher, store, tokenizer: TextTokenizer, max_length: int, chunk: int = 2048):
-        self.teacher, self.store, self.tokenizer, self.max_length, self.chunk = teacher, store, tokenizer, \
-            max_length, chunk
+        self.teacher, self.store, self.tokenizer, self.max_length, self.chunk = (
+            teacher,
+            store,
+            tokenizer,
+            max_length,
+            chunk,
+        )
         self.device = next(teacher.parameters()).device
+
+    def _visual(self, idx):
+        if hasattr(self.store, "get"):  # a TokenStore on disk
+            return self.store.get(idx, device=self.device)
+        return self.store[idx].to(device=self.device)  # VisualTokens in memory
 
     @torch.no_grad()
     def __call__(self, texts: list[str], query_idx: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
@@ -128,7 +150,7 @@ class StoreTeacherScorer:
         out = torch.empty(len(query_idx))
         for s in range(0, len(query_idx), self.chunk):
             q, i = query_idx[s : s + self.chunk], item_ids[s : s + self.chunk]
-            visual = self.store.get(i, device=self.device)
+            visual = self._visual(i)
             out[s : s + len(q)] = self.teacher.score_pairs(visual, ids[q], mask[q]).float().cpu()
         return out
 
@@ -138,7 +160,7 @@ class StoreTeacherScorer:
         ids, mask = tokenize(self.tokenizer, texts, self.max_length, self.device)
         cols = []
         for s in range(0, len(self.store), item_chunk):
-            visual = self.store.get(slice(s, s + item_chunk), device=self.device)
+            visual = self._visual(slice(s, s + item_chunk))
             cols.append(self.teacher.score(visual, ids, mask).float().cpu())
         return torch.cat(cols, dim=1)
 

@@ -7,6 +7,7 @@ functions here read the recipe sections, apply the conventions of a run director
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from fastslow.data import (
     load_karpathy,
     load_vatex,
     read_vatex_ids,
+    report_skipped,
     vatex_retrieval_split,
 )
 from fastslow.tokenizer import TextTokenizer, load_pretrained_tokenizer, train_tokenizer
@@ -77,8 +79,10 @@ def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
         fn = shapes.generate_shapes if cfg.data.dataset == "shapes" else shapes.generate_shapes_video
         summary = fn(root, **params)
         if cfg.data.dataset == "shapes_video" and summary["n_val"] != cfg.data.n_val:
-            raise ConfigError(f"data.n_val={cfg.data.n_val} but the generator wrote {summary['n_val']} val videos "
-                              f"(n_val_groups x group_size): set data.n_val={summary['n_val']}")
+            raise ConfigError(
+                f"data.n_val={cfg.data.n_val} but the generator wrote {summary['n_val']} val videos "
+                f"(n_val_groups x group_size): set data.n_val={summary['n_val']}"
+            )
         print(f"  {summary}", flush=True)
         stamp.write_text(json.dumps(wanted, indent=1))
     if accelerator is not None:
@@ -86,14 +90,31 @@ def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
 
 
 def load_split(cfg: DictConfig, split: str) -> RetrievalSplit:
-    """One split (train | val | test) of the recipe's dataset, failing fast on missing files."""
+    """One split (train | val | test) of the recipe's dataset, failing fast on missing files.
+
+    Under `data.on_error=skip` the items dropped at load time (missing file, no captions) are reported
+    here, on the main process: the trainer only counts what fails later, while reading a batch.
+    """
     d = cfg.data
     if d.dataset in IMAGE_DATASETS:
-        return load_karpathy(d.ann_file, d.image_dir, split, on_error=d.on_error, max_captions=d.max_captions)
-    if split == "train":
-        return load_vatex(d.ann_train, d.feature_dir, on_error=d.on_error, max_captions=d.max_captions)
-    ids = vatex_retrieval_split(read_vatex_ids(d.ann_val), n_val=d.n_val)[split]
-    return load_vatex(d.ann_val, d.feature_dir, on_error=d.on_error, select=ids, max_captions=d.max_captions)
+        out = load_karpathy(d.ann_file, d.image_dir, split, on_error=d.on_error, max_captions=d.max_captions)
+    elif split == "train":
+        out = load_vatex(d.ann_train, d.feature_dir, on_error=d.on_error, max_captions=d.max_captions)
+    else:
+        ids = vatex_retrieval_split(read_vatex_ids(d.ann_val), n_val=d.n_val)[split]
+        out = load_vatex(d.ann_val, d.feature_dir, on_error=d.on_error, select=ids, max_captions=d.max_captions)
+    if d.dataset in VIDEO_DATASETS:
+        # load_vatex names a split after its file, so val and test would both be "vatex/validation" (in the
+        # manifest, the eval table and fuse_alpha.json); name them after the recipe's dataset and split instead.
+        out = dataclasses.replace(out, name=f"{d.dataset}/{split}")
+    if out.skipped and is_main():
+        total = out.n_items + len(out.skipped)
+        print(
+            f"{out.name}: dropped {len(out.skipped)} of {total} items (data.on_error=skip)\n"
+            f"{report_skipped(out.skipped)}",
+            flush=True,
+        )
+    return out
 
 
 def visual_loader(cfg: DictConfig):
@@ -187,7 +208,9 @@ def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Modu
     model = build_teacher(cfg, tok) if kind == "teacher" else build_student(cfg, tok)
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{weights} does not match {cfg[kind].name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"{weights} does not match {cfg[kind].name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.eval().requires_grad_(False)
     return model, cfg, tok
 

@@ -237,7 +237,9 @@ class Trainer:
         else:
             path = Path(what)
             if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"train.resume={what}: {path}/trainer_state.json not found; not a complete checkpoint")
+                raise FileNotFoundError(
+                    f"train.resume={what}: {path}/trainer_state.json not found; not a complete checkpoint"
+                )
         self.accelerator.load_state(str(path / "state"))
         raw = json.loads((path / "trainer_state.json").read_text())
         self.state = TrainState(**raw)
@@ -382,9 +384,7 @@ class Trainer:
                 acc.log(logs, step=step)
                 bar.set_postfix(loss=f"{logs.get('train/loss', float('nan')):.4f}")
                 running, n_running, t0 = {}, 0, time.perf_counter()
-            if self.evaluate is not None and (
-                (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
-            ):
+            if self.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 self.run_evaluation()
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 self.save_checkpoint()

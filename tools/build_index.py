@@ -50,34 +50,62 @@ def main(argv=None) -> None:
 
     loader = DataLoader(VisualDataset(split, load_visual), batch_size=cfg.index.batch_size, collate_fn=collate)
     t0 = time.perf_counter()
-    emb = encode_gallery(lambda b: student.encode_visual(*visual_args(b)), acc.prepare(loader), accelerator=acc,
-                         out_path=out / "student_chunks",
-                         stamp={"student_hash": student_hash, "gallery_hash": hash_ids(split.item_ids)})
+    emb = encode_gallery(
+        lambda b: student.encode_visual(*visual_args(b)),
+        acc.prepare(loader),
+        accelerator=acc,
+        out_path=out / "student_chunks",
+        stamp={"student_hash": student_hash, "gallery_hash": hash_ids(split.item_ids)},
+    )
     t_student = time.perf_counter() - t0
     if acc.is_main_process:
         t0 = time.perf_counter()
-        index = build_index(np.ascontiguousarray(emb, dtype=np.float32), kind=cfg.index.kind, nlist=cfg.index.nlist,
-                            nprobe=cfg.index.nprobe, pq_m=cfg.index.pq_m, hnsw_m=cfg.index.hnsw_m,
-                            ef_search=cfg.index.ef_search, seed=cfg.seed)
+        index = build_index(
+            np.ascontiguousarray(emb, dtype=np.float32),
+            kind=cfg.index.kind,
+            nlist=cfg.index.nlist,
+            nprobe=cfg.index.nprobe,
+            pq_m=cfg.index.pq_m,
+            hnsw_m=cfg.index.hnsw_m,
+            ef_search=cfg.index.ef_search,
+            seed=cfg.seed,
+        )
         t_index = time.perf_counter() - t0
-        save_index(out, index, {"item_ids": split.item_ids, "student_hash": student_hash, "teacher_hash": teacher_hash,
-                                "split": split.name, "item_paths": split.item_paths})
+        save_index(
+            out,
+            index,
+            {
+                "item_ids": split.item_ids,
+                "student_hash": student_hash,
+                "teacher_hash": teacher_hash,
+                "split": split.name,
+                "item_paths": split.item_paths,
+            },
+        )
         np.save(out / "embeddings.npy", emb.astype(np.float32))
 
         # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
         t0 = time.perf_counter()
         teacher.to(acc.device)
         with torch.no_grad():
-            chunks = (teacher.encode_visual(*args).to(device="cpu")
-                      for _, args in iter_items(split, load_visual, cfg.index.batch_size, acc.device))
-            store = TokenStore.write(out / "tokens", split.item_ids, chunks,
-                                     meta={"teacher_hash": teacher_hash, "gallery_hash": hash_ids(split.item_ids)},
-                                     overwrite=True)
+            chunks = (
+                teacher.encode_visual(*args).to(device="cpu")
+                for _, args in iter_items(split, load_visual, cfg.index.batch_size, acc.device)
+            )
+            store = TokenStore.write(
+                out / "tokens",
+                split.item_ids,
+                chunks,
+                meta={"teacher_hash": teacher_hash, "gallery_hash": hash_ids(split.item_ids)},
+                overwrite=True,
+            )
         t_tokens = time.perf_counter() - t0
         info = index_info(index)
-        print(f"index {info['kind']} {info['params']} over {split.n_items} items of {split.name} -> {out}\n"
-              f"  student encoding {t_student:.1f}s, index build {t_index:.2f}s, teacher tokens {t_tokens:.1f}s "
-              f"({store.shape} fp16, {np.prod(store.shape) * 2 / 2**20:.1f} MiB)")
+        print(
+            f"index {info['kind']} {info['params']} over {split.n_items} items of {split.name} -> {out}\n"
+            f"  student encoding {t_student:.1f}s, index build {t_index:.2f}s, teacher tokens {t_tokens:.1f}s "
+            f"({store.shape} fp16, {np.prod(store.shape) * 2 / 2**20:.1f} MiB)"
+        )
     acc.wait_for_everyone()
 
 

@@ -39,8 +39,10 @@ def main(argv=None) -> None:
     tok = stages.get_tokenizer(cfg, train, acc)
     load_visual = stages.visual_loader(cfg)
     student = stages.build_student(cfg, tok)
-    acc.print(f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
-              f"distillation: {mode}")
+    acc.print(
+        f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
+        f"distillation: {mode}"
+    )
 
     batcher, checkpoint_objects = DistillBatcher("none"), []
     if mode != "none":
@@ -48,21 +50,37 @@ def main(argv=None) -> None:
         if teacher_tok.vocab_size != tok.vocab_size:
             raise RuntimeError(f"the teacher in {teacher_dir} uses another tokenizer than {stages.tokenizer_path(cfg)}")
         teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
-        scorer = TeacherPairScorer(teacher.to(acc.device), teacher_hash, train, load_visual, tok,
-                                   cfg.data.max_length, cache_dir / "teacher_tokens_train", is_main=acc.is_main_process)
+        scorer = TeacherPairScorer(
+            teacher.to(acc.device),
+            teacher_hash,
+            train,
+            load_visual,
+            tok,
+            cfg.data.max_length,
+            cache_dir / "teacher_tokens_train",
+            is_main=acc.is_main_process,
+        )
         acc.wait_for_everyone()
-        cache = TeacherScoreCache(cache_dir / f"teacher_scores_{mode}", teacher_hash=teacher_hash, source=mode,
-                                  dataset_hash=split_hash(train), n_items=train.n_items)
+        cache = TeacherScoreCache(
+            cache_dir / f"teacher_scores_{mode}",
+            teacher_hash=teacher_hash,
+            source=mode,
+            dataset_hash=split_hash(train),
+            n_items=train.n_items,
+        )
         miner = None
         if mode == "listwise":
             miner = CandidateMiner(train, load_visual, tok, cfg.data.max_length, cfg.loss.listwise_k)
             checkpoint_objects.append(miner)
         batcher = DistillBatcher(mode, scorer, cache, miner, cfg.loss.mine_every)
 
-    objective = DistillObjective(student, contrastive_weight=cfg.loss.contrastive_weight,
-                                 distill_weight=cfg.loss.distill_weight,
-                                 teacher_temperature=cfg.loss.teacher_temperature,
-                                 student_temperature=cfg.loss.student_temperature)
+    objective = DistillObjective(
+        student,
+        contrastive_weight=cfg.loss.contrastive_weight,
+        distill_weight=cfg.loss.distill_weight,
+        teacher_temperature=cfg.loss.teacher_temperature,
+        student_temperature=cfg.loss.student_temperature,
+    )
 
     def validate(obj):
         return evaluate_student(obj.model, val, load_visual, tok, max_length=cfg.data.max_length)
@@ -89,8 +107,10 @@ def main(argv=None) -> None:
     if mode == "listwise" and batcher.miner.item_emb is None:  # a fresh run: mine with the initial student
         batcher.miner.refresh(trainer.unwrapped().model)
     state = trainer.train()
-    acc.print(f"student saved to {out} after {state.step} steps; teacher pairs scored this run: "
-              f"{batcher.pairs_scored}; last val: {state.history[-1] if state.history else '-'}")
+    acc.print(
+        f"student saved to {out} after {state.step} steps; teacher pairs scored this run: "
+        f"{batcher.pairs_scored}; last val: {state.history[-1] if state.history else '-'}"
+    )
 
 
 if __name__ == "__main__":

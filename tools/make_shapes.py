@@ -18,8 +18,10 @@ def main(argv=None) -> None:
     cfg = load_recipe(argv, prog="make_shapes.py")
     configure_threads(cfg.num_threads)
     if cfg.data.dataset not in ("shapes", "shapes_video"):
-        raise ConfigError(f"recipe={cfg.recipe} reads {cfg.data.dataset} data from disk; make_shapes.py only writes "
-                          "the built-in shapes / shapes_video data")
+        raise ConfigError(
+            f"recipe={cfg.recipe} reads {cfg.data.dataset} data from disk; make_shapes.py only writes "
+            "the built-in shapes / shapes_video data"
+        )
     stages.ensure_shapes(cfg)
     for split in ("train", "val", "test"):
         s = stages.load_split(cfg, split)

@@ -35,8 +35,10 @@ def main(argv=None) -> None:
     tok = stages.get_tokenizer(cfg, train, acc)
     load_visual = stages.visual_loader(cfg)
     teacher = stages.build_teacher(cfg, tok)
-    acc.print(f"teacher {cfg.teacher.name}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters; "
-              f"train {train.n_items} items / {train.n_texts} captions, val {val.n_items} / {val.n_texts}")
+    acc.print(
+        f"teacher {cfg.teacher.name}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters; "
+        f"train {train.n_items} items / {train.n_texts} captions, val {val.n_items} / {val.n_texts}"
+    )
 
     class CaptioningObjective(nn.Module):
         """forward(batch) -> the teacher's loss parts; the trainer saves `self.model`."""
@@ -50,8 +52,9 @@ def main(argv=None) -> None:
             return self.model.loss(visual, batch["input_ids"], batch["attention_mask"])
 
     def validate(objective):
-        return evaluate_teacher(objective.model, val, load_visual, tok, max_length=cfg.data.max_length,
-                                text_batch=cfg.eval.text_batch)
+        return evaluate_teacher(
+            objective.model, val, load_visual, tok, max_length=cfg.data.max_length, text_batch=cfg.eval.text_batch
+        )
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,9 @@ def main(argv=None) -> None:
         num_workers=cfg.data.num_workers,
     )
     state = trainer.train()
-    acc.print(f"teacher saved to {out} after {state.step} steps; last val: {state.history[-1] if state.history else '-'}")
+    acc.print(
+        f"teacher saved to {out} after {state.step} steps; last val: {state.history[-1] if state.history else '-'}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""The entry points, run as users run them: as scripts and under `accelerate launch` (subprocesses).
+
+One smoke pipeline (tiny data, tiny models) runs every stage in order and checks what each leaves on
+disk; the other tests check that bad input fails fast with a message that names the problem.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ["train_teacher.py", "distill.py", "build_index.py", "rerank_eval.py", "search.py", "make_shapes.py"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def tool(name, *args, launch=None, check=True, timeout=600):
+    cmd = [sys.executable, str(ROOT / "tools" / name), *args]
+    if launch is not None:
+        cmd = [
+            str(Path(sys.executable).with_name("accelerate")),
+            "launch",
+            "--config_file",
+            str(ROOT / "accelerate_config.yaml"),
+            "--num_processes",
+            str(launch),
+            *cmd[1:],
+        ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The whole pipeline on recipe=smoke, stage by stage, in one output_dir."""
+    out = tmp_path_factory.mktemp("smoke")
+    args = ["recipe=smoke", f"output_dir={out}"]
+    logs = {name: tool(name, *args) for name in ["train_teacher.py", "distill.py", "build_index.py", "rerank_eval.py"]}
+    return out, args, logs
+
+
+def test_stages_leave_self_describing_checkpoints(smoke_run):
+    out, _, _ = smoke_run
+    for stage in ("teacher", "student"):
+        d = out / stage
+        for name in ("model.safetensors", "config.yaml", "tokenizer.json"):
+            assert (d / name).is_file(), (stage, name)
+        assert list((d / "tb").rglob("events.out.tfevents.*")), stage
+        ckpts = sorted((d / "checkpoints").glob("step_*"))
+        assert ckpts and (ckpts[-1] / "trainer_state.json").is_file() and (ckpts[-1] / "config.yaml").is_file()
+    for name in ("index.faiss", "manifest.json", "embeddings.npy", "tokens/tokens.npy"):
+        assert (out / "index" / name).is_file(), name
+
+
+def test_rerank_eval_writes_the_documented_schema(smoke_run):
+    out, _, logs = smoke_run
+    rows = json.loads((out / "eval" / "metrics.json").read_text())
+    ks = [1, 5, 12]  # eval.k=[1,5,100] in the smoke recipe; 100 is clamped to the 12-item gallery
+    assert {"fast", "fast_exact", "slow"} | {f"fast+slow@{k}" for k in ks} | {f"fuse@{k}" for k in ks} <= set(rows)
+    for name, row in rows.items():
+        for key in (
+            "t2v_R@1",
+            "t2v_R@5",
+            "t2v_R@10",
+            "t2v_medr",
+            "t2v_meanr",
+            "latency_ms_mean",
+            "latency_ms_p95",
+            "pairs_per_query",
+        ):
+            assert key in row, (name, key)
+    for key in ("v2t_R@1", "v2t_R@5", "v2t_R@10", "v2t_medr"):
+        assert key in rows["fast"] and key in rows["slow"]
+    assert rows["fast+slow@12"]["pairs_per_query"] == 12 and rows["fast"]["pairs_per_query"] == 0
+    # reranking the whole gallery with the teacher alone is the teacher's own ranking
+    assert rows["fast+slow@12"]["t2v_R@1"] == rows["slow"]["t2v_R@1"]
+    header = (out / "eval" / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("method,")
+    assert (out / "eval" / "r1_vs_k.png").stat().st_size > 0 and (out / "eval" / "latency_vs_k.png").stat().st_size > 0
+    assert "fast+slow@5" in logs["rerank_eval.py"].stdout  # the table is printed
+
+
+def test_search_prints_ranked_results_and_html(smoke_run, tmp_path):
+    out, args, _ = smoke_run
+    page = tmp_path / "page.html"
+    proc = tool("search.py", *args, "query=a red circle", "k=3", f"html={page}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(lines) == 3 and "test_" in lines[0]
+    assert page.read_text().count("<figure>") == 3
+    bad = tool("search.py", *args, "query=   ", check=False)
+    assert bad.returncode == 2 and "empty" in bad.stderr
+    big = tool("search.py", *args, "query=a circle", "k=1000")
+    assert "larger than the gallery" in big.stderr
+
+
+def test_index_from_another_student_is_refused(smoke_run, tmp_path):
+    out, args, _ = smoke_run
+    manifest = json.loads((out / "index" / "manifest.json").read_text())
+    try:
+        (out / "index" / "manifest.json").write_text(json.dumps({**manifest, "student_hash": "0" * 16}))
+        proc = tool("rerank_eval.py", *args, check=False)
+        assert proc.returncode == 2 and "rebuild with tools/build_index.py" in proc.stderr
+    finally:
+        (out / "index" / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_misspelled_key_fails_before_any_work(name, tmp_path):
+    proc = tool(name, "recipe=shapes", "train.lrr=1", f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert "lrr" in proc.stderr and "train.lr" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_misspelled_key_fails_under_accelerate_launch(tmp_path):
+    proc = tool("distill.py", "recipe=shapes", "train.lrr=1", f"output_dir={tmp_path}", launch=1, check=False)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe, missing",
+    [("flickr", "dataset_flickr30k.json"), ("coco", "dataset_coco.json"), ("vatex", "vatex_training_v1.0.json")],
+)
+def test_real_recipe_without_data_names_the_missing_file(recipe, missing):
+    proc = tool("train_teacher.py", f"recipe={recipe}", "data.root=/nonexistent", check=False)
+    assert proc.returncode == 2
+    assert f"/nonexistent/{missing}" in proc.stderr and "data.root" in proc.stderr
+
+
+def test_deepspeed_two_processes_leave_a_checkpoint(smoke_run, tmp_path):
+    """ZeRO-2 over 2 CPU processes (gloo) through accelerate_config.yaml, as the README says."""
+    out, _, _ = smoke_run
+    run_dir = tmp_path / "ds"
+    run_dir.mkdir()
+    # reuse the smoke teacher and data: distillation reads ${output_dir}/teacher
+    for name in ("teacher", "data", "tokenizer.json"):
+        os.symlink(out / name, run_dir / name)
+    tool("distill.py", "recipe=smoke", f"output_dir={run_dir}", "train.max_steps=2", launch=2)
+    student = run_dir / "student"
+    assert (student / "model.safetensors").is_file() and (student / "config.yaml").is_file()
+    assert list((student / "tb").rglob("events.out.tfevents.*"))
+    ckpt = sorted((student / "checkpoints").glob("step_*"))[-1]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert list((ckpt / "state").rglob("*optim_states*"))  # DeepSpeed's partitioned optimizer state
