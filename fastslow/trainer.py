@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fastslow.errors import UserError
+
 CKPT_PREFIX = "step_"
 
 
@@ -90,7 +92,7 @@ class EpochBatches:
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if n < batch_size * world:
-            raise ValueError(
+            raise UserError(
                 f"{n} training samples cannot fill one batch of {batch_size} x {world} processes; "
                 "lower train.batch_size or use more data"
             )

@@ -79,8 +79,6 @@ def test_rerank_eval_writes_the_documented_schema(smoke_run):
     for key in ("v2t_R@1", "v2t_R@5", "v2t_R@10", "v2t_medr"):
         assert key in rows["fast"] and key in rows["slow"]
     assert rows["fast+slow@12"]["pairs_per_query"] == 12 and rows["fast"]["pairs_per_query"] == 0
-    # reranking the whole gallery with the teacher alone is the teacher's own ranking
-    assert rows["fast+slow@12"]["t2v_R@1"] == rows["slow"]["t2v_R@1"]
     header = (out / "eval" / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("method,")
     assert (out / "eval" / "r1_vs_k.png").stat().st_size > 0 and (out / "eval" / "latency_vs_k.png").stat().st_size > 0

@@ -61,10 +61,28 @@ def crash_at(step):
 
 def run(out_dir, max_steps, resume="auto", save_every=3, grad_accum=1, poison_step=None, on_step_end=None):
     torch.manual_seed(0)
-    cfg = TrainConfig(max_steps=max_steps, batch_size=8, lr=1e-2, warmup_steps=2, grad_accum=grad_accum,
-                      save_every=save_every, keep_last=2, resume=resume, log_every=2, eval_every=0)
-    trainer = Trainer(ToyModule(poison_step), ToyData(), collate_fn=collate, out_dir=out_dir, cfg=cfg, seed=3,
-                      accelerator=make_accelerator(out_dir, grad_accum, log=False), on_step_end=on_step_end)
+    cfg = TrainConfig(
+        max_steps=max_steps,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=2,
+        grad_accum=grad_accum,
+        save_every=save_every,
+        keep_last=2,
+        resume=resume,
+        log_every=2,
+        eval_every=0,
+    )
+    trainer = Trainer(
+        ToyModule(poison_step),
+        ToyData(),
+        collate_fn=collate,
+        out_dir=out_dir,
+        cfg=cfg,
+        seed=3,
+        accelerator=make_accelerator(out_dir, grad_accum, log=False),
+        on_step_end=on_step_end,
+    )
     trainer.train()
     return load_file(str(out_dir / "model.safetensors"))
 
