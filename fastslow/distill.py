@@ -115,6 +115,19 @@ class TeacherPairScorer:
         return out
 
 
+    @torch.no_grad()
+    def block(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """Teacher scores of every text against every item: [T] x [U] -> [T, U] float32 (CPU).
+
+        Uses `teacher.score` (all pairs), which shares the per-text work across items: about twice
+        the pairs per second of `score_pairs` on aligned pairs (docs/BENCHMARKS.md).
+        """
+        text_idx, item_idx = torch.as_tensor(text_idx).long(), torch.as_tensor(item_idx).long()
+        visual = self.store[item_idx.numpy()].to(device=self.device)
+        ids, mask = self.ids[text_idx].to(self.device), self.mask[text_idx].to(self.device)
+        return self.teacher.score(visual, ids, mask).float().cpu()
+
+
 class CandidateMiner:
     """Each training caption's top-K items by the current student (a memory bank of item embeddings).
 
@@ -240,15 +253,29 @@ class DistillBatcher:
             return compute(text_idx, item_idx)
         return torch.as_tensor(self.cache.get_or_compute(text_idx.numpy(), item_idx.numpy(), compute)).float()
 
+    def _inbatch(self, text: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """[B, B] teacher scores of the batch's texts against its items: from the cache when every pair is
+        there, else one all-pairs teacher call for the block (cheaper than scoring the missing pairs one by one)."""
+        b = len(text)
+        rows, cols = text.repeat_interleave(b), item.repeat(b)
+        if self.cache is not None:
+            found_scores, found = self.cache.lookup(rows.numpy(), cols.numpy())
+            if found.all():
+                return torch.as_tensor(found_scores).float().view(b, b)
+        scores = self.scorer.block(text, item)
+        self.pairs_scored += b * b
+        if self.cache is not None:
+            self.cache.add(rows.numpy(), cols.numpy(), scores.flatten().numpy())
+        return scores
+
     def __call__(self, batch: dict, step: int) -> dict:
         if self.mode == "none":
             return batch
         text, item = batch["text_index"].cpu(), batch["item_index"].cpu()
         device = batch["input_ids"].device
         if self.mode == "inbatch":
-            b = len(text)
             mask = inbatch_candidates(item)
-            scores = self._teacher(text.repeat_interleave(b), item.repeat(b)).view(b, b)
+            scores = self._inbatch(text, item)
             batch["inbatch_teacher"], batch["inbatch_mask"] = scores.to(device), mask.to(device)
         else:
             cand, mask = self.miner.candidates(text)

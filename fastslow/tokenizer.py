@@ -242,6 +242,14 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, Sequence) else None)
+    # The trainer numbers tokens of equal frequency in hash-map order, which changes from process to
+    # process (huggingface/tokenizers#1794): the same captions would give other ids, and every teacher
+    # score, cache and checkpoint built on them would silently stop matching. Renumber deterministically:
+    # the specials first, then the learnt tokens sorted. WordPiece's greedy longest match does not
+    # depend on the ids, so only the numbering changes.
+    learnt = sorted(t for t in tokenizer.get_vocab() if t not in SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *learnt])}
+    tokenizer.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##")
     return TextTokenizer(tokenizer, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]")
 
 

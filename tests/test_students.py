@@ -215,3 +215,16 @@ def test_wrong_modality_is_an_error():
     video_student = create_student("dual_encoder_tiny", modality="video")
     with pytest.raises(RuntimeError, match="no image tower"):
         video_student.encode_image(torch.randn(1, 3, 32, 32))
+
+
+def test_flatten_pooling_keeps_the_layout():
+    """image_global_pool="flatten": the projection sees every cell of the final map, not their mean."""
+    student = create_student("dual_encoder_tiny", modality="image", image_size=64, image_global_pool="flatten")
+    tower = student.visual
+    fmap = tower.backbone.forward_features(torch.zeros(1, 3, 64, 64))
+    assert fmap.shape[-1] * fmap.shape[-2] > 1  # a map with a layout, else the test says nothing
+    assert tower.proj.in_features == fmap[0].numel()
+    emb = student.encode_image(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 32)
+    emb.sum().backward()
+    assert tower.proj.weight.grad is not None and tower.proj.weight.grad.abs().sum() > 0

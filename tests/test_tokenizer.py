@@ -192,3 +192,24 @@ def test_load_pretrained_overrides_and_errors(tmp_path):
         load_pretrained_tokenizer(tmp_path / "not-there")
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_pretrained_tokenizer("fastslow-test/no-such-model-anywhere")
+
+
+def test_training_is_deterministic_across_processes(tmp_path):
+    """Same captions, fresh processes -> byte-identical tokenizer.json (the trainer's own id order is not)."""
+    import subprocess
+    import sys
+
+    captions = [f"a {c} {s} {r} a {c2} {s}" for c in ("red", "blue", "green", "pink") for c2 in ("tan", "gray")
+                for s in ("circle", "square", "star") for r in ("left of", "above", "near")]
+    (tmp_path / "captions.txt").write_text("\n".join(captions))
+    code = ("import sys; from fastslow.tokenizer import train_tokenizer; "
+            "t = train_tokenizer(open(sys.argv[1]).read().splitlines(), vocab_size=200); t.save(sys.argv[2])")
+    outs = []
+    for i in range(3):
+        out = tmp_path / f"tok{i}.json"
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "captions.txt"), str(out)], check=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+    tok = TextTokenizer.from_file(tmp_path / "tok0.json")
+    ids, _ = tok.encode(["a red circle left of a tan square"], 16)
+    assert tok.decode(ids[0]) == "a red circle left of a tan square"

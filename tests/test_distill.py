@@ -1,0 +1,376 @@
+"""Tests for fastslow.distill: the frozen teacher's pair scorer and its token store, the batcher that attaches teacher
+targets (in-batch and listwise over mined candidates, through the score cache), the candidate miner's resumable bank
+and the InfoNCE + KL objective. Tiny real models (random weights) on a tiny generated shapes dataset.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastslow.data import ImageLoader, PairDataset, collate, load_karpathy
+from fastslow.data.shapes import generate_shapes
+from fastslow.distill import (
+    CandidateMiner,
+    DistillBatcher,
+    DistillObjective,
+    TeacherPairScorer,
+    split_hash,
+)
+from fastslow.evaluation import encode_texts_student
+from fastslow.losses import ClipLoss
+from fastslow.mining import inbatch_candidates, listwise_candidates
+from fastslow.score_cache import TeacherScoreCache
+from fastslow.tokenizer import train_tokenizer
+from students import create_student
+from teachers import TokenStore, create_teacher
+
+MAX_LEN = 16
+IMAGE_SIZE = 32
+K = 3
+# Texts of one batch; with 2 captions per image, texts 0 and 1 share item 0 (a repeated item in the batch).
+BATCH_TEXTS = [0, 1, 5, 9, 14, 20, 33, 47]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(
+        out, seed=0, n_train=24, n_val_groups=1, n_test_groups=1, captions_per_image=2, image_size=IMAGE_SIZE
+    )
+    train = load_karpathy(out / "dataset_shapes.json", out / "images", "train")
+    assert train.n_items == 24 and train.n_texts == 48
+    return train, ImageLoader(IMAGE_SIZE), train_tokenizer(train.captions)
+
+
+def make_teacher(tok, seed=0):
+    torch.manual_seed(seed)
+    return create_teacher(
+        "captioner_tiny", modality="image", vocab_size=tok.vocab_size, max_length=MAX_LEN, image_size=IMAGE_SIZE
+    )
+
+
+def make_student(tok, seed=0):
+    torch.manual_seed(seed)
+    return create_student(
+        "dual_encoder_tiny", modality="image", vocab_size=tok.vocab_size, max_length=MAX_LEN, image_size=IMAGE_SIZE
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    """A briefly trained teacher, left as a trainer leaves it (train mode, trainable).
+
+    At random init its scores hardly depend on the item (spread over items ~2e-3 per text, the size of the fp16
+    tolerance); 30 steps make the spread ~0.1, so a test that mixed items up would fail.
+    """
+    train, loader, tok = data
+    teacher = make_teacher(tok).train()
+    pixels = torch.stack([loader(train.item_paths[i]) for i in train.text_to_visual])
+    ids, mask = tok.encode(train.captions, MAX_LEN)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = teacher.loss(teacher.encode_visual(pixels), ids, mask)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_state_before(teacher):
+    return teacher.training, all(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.fixture(scope="module")
+def scorer(data, teacher, teacher_state_before, tmp_path_factory):
+    train, loader, tok = data
+    store_dir = tmp_path_factory.mktemp("scorer") / "tokens"
+    return TeacherPairScorer(teacher, "hashA", train, loader, tok, MAX_LEN, store_dir)
+
+
+@pytest.fixture(scope="module")
+def student(data):
+    return make_student(data[2])
+
+
+@pytest.fixture(scope="module")
+def miner(data, student):
+    train, loader, tok = data
+    m = CandidateMiner(train, loader, tok, MAX_LEN, k=K)
+    student.train()
+    m.refresh(student)
+    assert student.training  # refresh restores the mode it found
+    return m
+
+
+def make_batch(data, texts=BATCH_TEXTS):
+    train, loader, tok = data
+    ds = PairDataset(train, loader, tok, MAX_LEN)
+    return collate([ds[i] for i in texts])
+
+
+def pairwise(scorer, texts, items):
+    """[T, U] from aligned-pair calls of the scorer (the reference for the all-pairs paths)."""
+    t, u = len(texts), len(items)
+    return scorer(texts.repeat_interleave(u), items.repeat(t)).view(t, u)
+
+
+def new_cache(path, train, source):
+    return TeacherScoreCache(
+        path, teacher_hash="hashA", source=source, dataset_hash=split_hash(train), n_items=train.n_items
+    )
+
+
+# ------------------------------------------------------------------------------------------------ TeacherPairScorer
+
+
+def test_scorer_builds_the_token_store_of_the_split_items(data, scorer):
+    train = data[0]
+    store = TokenStore.open(scorer.store_dir)
+    assert store.ids == train.item_ids
+    assert store.meta["meta"] == {"teacher_hash": "hashA", "split_hash": split_hash(train)}
+
+
+def test_scorer_matches_the_teacher_on_fresh_visual_tokens(data, scorer, teacher):
+    train, loader, tok = data
+    gen = torch.Generator().manual_seed(0)
+    text_idx = torch.arange(0, train.n_texts, 3)
+    item_idx = torch.randint(0, train.n_items, (len(text_idx),), generator=gen)
+    item_idx[::4] = torch.as_tensor(train.text_to_visual)[text_idx[::4]]  # some positives among them
+    got = scorer(text_idx, item_idx)
+
+    with torch.no_grad():
+        visual = teacher.encode_visual(torch.stack([loader(train.item_paths[i]) for i in item_idx]))
+        ids, mask = tok.encode([train.captions[t] for t in text_idx], MAX_LEN)  # padded to this subset only
+        want = teacher.score_pairs(visual, ids, mask).float()
+    assert got.dtype == torch.float32 and got.shape == (len(text_idx),)
+    assert want.std() > 1e-2  # the pairs score differently, so a mix-up of pairs would show
+    block = scorer.block(text_idx, torch.arange(train.n_items))
+    assert (block.amax(1) - block.amin(1)).min() > 10 * 2e-3  # so would a mix-up of items, at this tolerance
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+def test_scorer_block_equals_pairwise_scores(data, scorer):
+    texts, items = torch.tensor([0, 7, 8, 30, 41]), torch.tensor([3, 0, 23, 11])
+    block = scorer.block(texts, items)
+    assert block.shape == (5, 4) and block.dtype == torch.float32
+    torch.testing.assert_close(block, pairwise(scorer, texts, items), atol=1e-4, rtol=0)
+
+
+def test_scorer_freezes_the_teacher(scorer, teacher, teacher_state_before):
+    assert teacher_state_before == (True, True)  # the fixture handed over a trainable teacher in train mode
+    assert scorer.teacher is teacher
+    assert not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_scorer_reuses_the_store_of_the_same_teacher_and_rebuilds_for_another(data, tmp_path):
+    train, loader, tok = data
+    teacher = make_teacher(tok)
+    store_dir = tmp_path / "tokens"
+
+    def stamp():
+        st = os.stat(store_dir / "tokens.npy")
+        return st.st_ino, st.st_mtime_ns, TokenStore.open(store_dir).meta["meta"]["teacher_hash"]
+
+    TeacherPairScorer(teacher, "hashA", train, loader, tok, MAX_LEN, store_dir)
+    first = stamp()
+    TeacherPairScorer(teacher, "hashA", train, loader, tok, MAX_LEN, store_dir)
+    assert stamp() == first  # same file, not rewritten
+    TeacherPairScorer(teacher, "hashB", train, loader, tok, MAX_LEN, store_dir)
+    rebuilt = stamp()
+    assert rebuilt[2] == "hashB" and rebuilt[:2] != first[:2]
+
+
+# ------------------------------------------------------------------------------------------------ DistillBatcher
+
+
+def test_inbatch_batcher_attaches_teacher_block_and_mask(data, scorer, tmp_path):
+    train = data[0]
+    batch = make_batch(data)
+    text, item = batch["text_index"].clone(), batch["item_index"].clone()
+    b = len(text)
+    assert item[0] == item[1]  # the batch repeats an item, so the mask is not all ones
+    batcher = DistillBatcher("inbatch", scorer, new_cache(tmp_path / "cache", train, "inbatch"))
+    out = batcher(batch, step=0)
+    assert out["inbatch_teacher"].shape == (b, b) and out["inbatch_teacher"].dtype == torch.float32
+    torch.testing.assert_close(out["inbatch_teacher"], pairwise(scorer, text, item), atol=1e-4, rtol=0)
+    assert torch.equal(out["inbatch_mask"], inbatch_candidates(item))
+    assert not out["inbatch_mask"].all()
+    assert batcher.pairs_scored == b * b
+
+
+def test_inbatch_batcher_reads_the_cache_on_a_second_call(data, scorer, tmp_path):
+    train = data[0]
+    batcher = DistillBatcher("inbatch", scorer, new_cache(tmp_path / "cache", train, "inbatch"))
+    first = batcher(make_batch(data), step=0)["inbatch_teacher"].clone()
+    scored = batcher.pairs_scored
+    assert scored > 0
+    second = batcher(make_batch(data), step=1)["inbatch_teacher"]
+    assert batcher.pairs_scored == scored  # no new teacher call
+    assert torch.equal(second, first)
+    # A later run (new batcher, cache reopened from disk) scores nothing either.
+    later = DistillBatcher("inbatch", scorer, new_cache(tmp_path / "cache", train, "inbatch"))
+    assert torch.equal(later(make_batch(data), step=0)["inbatch_teacher"], first)
+    assert later.pairs_scored == 0
+    # Without a cache, every call scores again (so the counter above can tell the difference).
+    online = DistillBatcher("inbatch", scorer)
+    online(make_batch(data), step=0)
+    online(make_batch(data), step=1)
+    assert online.pairs_scored == 2 * scored
+
+
+def test_miner_bank_is_the_students_item_embeddings_and_its_top_k(data, student, miner):
+    train, loader, tok = data
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            items = student.encode_image(torch.stack([loader(p) for p in train.item_paths]))
+        texts = encode_texts_student(student, tok, train.captions, max_length=MAX_LEN)
+    finally:
+        student.train(was_training)
+    assert miner.item_emb.shape == (train.n_items, items.shape[1])
+    torch.testing.assert_close(miner.item_emb, items, atol=1e-5, rtol=0)
+    scores = texts @ items.T
+    scores[torch.arange(train.n_texts), torch.as_tensor(train.text_to_visual)] = -torch.inf  # positives excluded
+    assert miner.mined.shape == (train.n_texts, K)
+    assert torch.equal(miner.mined, scores.topk(K, dim=1).indices)
+
+
+def test_listwise_batcher_attaches_scores_mask_and_bank_rows(data, scorer, miner, tmp_path):
+    train = data[0]
+    batch = make_batch(data)
+    text, item = batch["text_index"].clone(), batch["item_index"].clone()
+    b = len(text)
+    batcher = DistillBatcher("listwise", scorer, new_cache(tmp_path / "cache", train, "listwise"), miner)
+    out = batcher(batch, step=0)
+    teacher, mask, emb = out["listwise_teacher"], out["listwise_mask"], out["listwise_emb"]
+    assert teacher.shape == (b, K + 1) and mask.shape == (b, K + 1) and emb.shape == (b, K + 1, miner.item_emb.shape[1])
+
+    cand, want_mask = listwise_candidates(miner.mined[text], item)
+    assert torch.equal(mask, want_mask)
+    assert torch.equal(cand[:, 0], item)  # column 0 is the batch's own item
+    torch.testing.assert_close(teacher[:, 0], scorer(text, item), atol=1e-4, rtol=0)  # the positive's score
+    rows = text[:, None].expand_as(cand)
+    torch.testing.assert_close(teacher[mask], scorer(rows[mask], cand[mask]), atol=1e-4, rtol=0)
+    assert torch.equal(emb, miner.item_emb[cand])
+    assert not emb.requires_grad
+
+    scored = batcher.pairs_scored
+    assert scored == int(mask.sum())
+    again = batcher(make_batch(data), step=1)["listwise_teacher"]
+    assert batcher.pairs_scored == scored and torch.equal(again, teacher)
+
+
+def test_listwise_batcher_masks_padding_when_the_gallery_is_smaller_than_k(data, scorer, student):
+    train, loader, tok = data
+    big = CandidateMiner(train, loader, tok, MAX_LEN, k=train.n_items + 2)  # more than the 23 negatives there are
+    big.refresh(student)
+    out = DistillBatcher("listwise", scorer, None, big)(make_batch(data), step=0)
+    mask = out["listwise_mask"]
+    assert mask.shape[1] == train.n_items + 3
+    assert (mask.sum(1) == train.n_items).all()  # the positive + every other item, padding masked
+    assert (out["listwise_teacher"][~mask] == 0).all()
+
+
+def test_miner_state_dict_round_trips_the_bank(data, miner, tmp_path):
+    train, loader, tok = data
+    path = tmp_path / "miner.pt"
+    torch.save(miner.state_dict(), path)  # what accelerate's register_for_checkpointing does
+    resumed = CandidateMiner(train, loader, tok, MAX_LEN, k=K)
+    assert resumed.state_dict() == {}
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(resumed.item_emb, miner.item_emb)
+    assert torch.equal(resumed.mined, miner.mined)
+    assert resumed.rounds == miner.rounds == 1
+    text = torch.tensor(BATCH_TEXTS)
+    for got, want in zip(resumed.candidates(text), miner.candidates(text)):
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------ DistillObjective
+
+
+def test_objective_without_teacher_keys_is_the_clip_loss(data, student):
+    batch = make_batch(data)
+    student.eval()  # deterministic forward passes to compare
+    out = DistillObjective(student, contrastive_weight=2.0)(batch)
+    with torch.no_grad():
+        v = student.encode_visual(batch["pixels"])
+        t = student.encode_text(batch["input_ids"], batch["attention_mask"])
+        want = ClipLoss()(v, t, student.inverse_temperature(), batch["item_index"])["contrastive_loss"]
+    assert set(out) == {"loss", "contrastive_loss"}
+    torch.testing.assert_close(out["contrastive_loss"].detach(), want)
+    torch.testing.assert_close(out["loss"].detach(), 2.0 * want)
+
+
+def test_listwise_term_alone_reaches_both_towers(data, scorer, miner, student):
+    batch = DistillBatcher("listwise", scorer, None, miner)(make_batch(data), step=0)
+    student.train()
+    student.zero_grad(set_to_none=True)
+    out = DistillObjective(student, contrastive_weight=0.0)(batch)  # only the KL term carries gradient
+    assert out["listwise_distill_loss"] > 1e-4
+    out["loss"].backward()
+
+    def has_grad(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    # The image tower's gradient can only come through the fresh positive in column 0 (the bank has none).
+    assert has_grad(student.text) and has_grad(student.visual)
+    student.zero_grad(set_to_none=True)
+
+
+def student_listwise_scores(student, batch):
+    """The student's listwise scores as the objective builds them: fresh text vs [fresh positive, bank negatives]."""
+    with torch.no_grad():
+        v = student.encode_visual(batch["pixels"])
+        t = student.encode_text(batch["input_ids"], batch["attention_mask"])
+        cand = torch.cat([v[:, None], batch["listwise_emb"][:, 1:]], dim=1)
+        return torch.einsum("be,bke->bk", t, cand), t, v, student.inverse_temperature()
+
+
+def test_listwise_distill_loss_is_zero_when_teacher_equals_the_scaled_student(data, scorer, miner, student):
+    batch = DistillBatcher("listwise", scorer, None, miner)(make_batch(data), step=0)
+    student.eval()
+    s, _, _, scale = student_listwise_scores(student, batch)
+    mask = batch["listwise_mask"]
+    assert (mask.sum(1) >= 2).all()
+    objective = DistillObjective(student, teacher_temperature=1.0, student_temperature=None)
+
+    batch["listwise_teacher"] = (s * scale).masked_fill(~mask, 1e4)  # masked slots must not count
+    assert objective(batch)["listwise_distill_loss"].abs() < 1e-6
+    batch["listwise_teacher"] = (s * scale).flip(1)  # another ranking: the loss must see it
+    assert objective(batch)["listwise_distill_loss"] > 1e-3
+
+
+def test_inbatch_distill_loss_is_zero_when_teacher_equals_the_scaled_student(data, student):
+    batch = make_batch(data)
+    student.eval()
+    with torch.no_grad():
+        v = student.encode_visual(batch["pixels"])
+        t = student.encode_text(batch["input_ids"], batch["attention_mask"])
+        scaled = (t @ v.T) * student.inverse_temperature()
+    batch["inbatch_teacher"], batch["inbatch_mask"] = scaled, inbatch_candidates(batch["item_index"])
+    objective = DistillObjective(student, teacher_temperature=1.0, student_temperature=None)
+    assert objective(batch)["inbatch_distill_loss"].abs() < 1e-6
+    batch["inbatch_teacher"] = scaled.T.contiguous()
+    assert objective(batch)["inbatch_distill_loss"] > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def test_unknown_mode_is_refused_with_the_allowed_ones():
+    with pytest.raises(ValueError, match="bogus") as err:
+        DistillBatcher("bogus")
+    assert all(mode in str(err.value) for mode in ("none", "inbatch", "listwise"))
+
+
+def test_mode_none_leaves_the_batch_alone(data):
+    batch = make_batch(data)
+    keys = set(batch)
+    assert DistillBatcher("none")(batch, step=0) is batch and set(batch) == keys
