@@ -191,9 +191,14 @@ class DistillObjective(nn.Module):
         distill_weight: float = 1.0,
         teacher_temperature: float = 1.0,
         student_temperature: float | None = None,
+        fresh_positive: bool = True,
     ):
         super().__init__()
         self.model = student
+        # fresh_positive=False scores the positive from the memory bank too: every candidate then comes
+        # from the same (stale) encoder, so the softmax cannot separate the positive by staleness alone;
+        # the price is no distillation gradient into the visual tower.
+        self.fresh_positive = fresh_positive
         self.contrastive_weight, self.distill_weight = contrastive_weight, distill_weight
         self.clip = ClipLoss()
         self.kl = DistillLoss(teacher_temperature, student_temperature)
@@ -210,7 +215,8 @@ class DistillObjective(nn.Module):
             loss = loss + self.distill_weight * d["distill_loss"]
         if "listwise_teacher" in batch:
             bank = batch["listwise_emb"].to(t.dtype)  # [B, K+1, E], no gradient (memory bank)
-            cand = torch.cat([v.unsqueeze(1), bank[:, 1:]], dim=1)  # the positive is fresh and differentiable
+            # the positive is fresh and differentiable unless fresh_positive=False
+            cand = torch.cat([v.unsqueeze(1), bank[:, 1:]], dim=1) if self.fresh_positive else bank
             s = torch.einsum("be,bke->bk", t, cand)
             d = self.kl(s, batch["listwise_teacher"], batch["listwise_mask"], student_logit_scale=scale)
             out["listwise_distill_loss"] = d["distill_loss"]

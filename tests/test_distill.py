@@ -374,3 +374,15 @@ def test_mode_none_leaves_the_batch_alone(data):
     batch = make_batch(data)
     keys = set(batch)
     assert DistillBatcher("none")(batch, step=0) is batch and set(batch) == keys
+
+
+def test_bank_positive_keeps_the_listwise_term_off_the_visual_tower(data, scorer, miner, student):
+    batch = DistillBatcher("listwise", scorer, None, miner)(make_batch(data), step=0)
+    student.train()
+    student.zero_grad(set_to_none=True)
+    out = DistillObjective(student, contrastive_weight=0.0, fresh_positive=False)(batch)
+    out["loss"].backward()
+    text_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.text.parameters())
+    visual_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.visual.parameters())
+    assert text_grad and not visual_grad  # every candidate, the positive included, is a bank row
+    student.zero_grad(set_to_none=True)

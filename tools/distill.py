@@ -80,6 +80,7 @@ def main(argv=None) -> None:
         distill_weight=cfg.loss.distill_weight,
         teacher_temperature=cfg.loss.teacher_temperature,
         student_temperature=cfg.loss.student_temperature,
+        fresh_positive=cfg.loss.listwise_fresh_positive,
     )
 
     def validate(obj):
