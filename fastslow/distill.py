@@ -235,6 +235,8 @@ class DistillBatcher:
         cache: teacher-score cache for this candidate source (None: score online every time).
         miner: the candidate miner (listwise only).
         mine_every: steps between refreshes.
+        inbatch_rows: in-batch mode: only the first this-many captions of each batch get teacher targets
+            (the teacher's cost is rows x batch pairs per step); None: every caption.
     """
 
     def __init__(
@@ -244,10 +246,12 @@ class DistillBatcher:
         cache: TeacherScoreCache | None = None,
         miner: CandidateMiner | None = None,
         mine_every: int = 500,
+        inbatch_rows: int | None = None,
     ):
         if mode not in ("none", "inbatch", "listwise"):
             raise ValueError(f"loss.distill={mode!r} is not one of none, inbatch, listwise")
         self.mode, self.scorer, self.cache, self.miner, self.mine_every = mode, scorer, cache, miner, mine_every
+        self.inbatch_rows = inbatch_rows
         self.pairs_scored = 0  # teacher calls actually made (cache misses)
 
     def _teacher(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
@@ -260,16 +264,16 @@ class DistillBatcher:
         return torch.as_tensor(self.cache.get_or_compute(text_idx.numpy(), item_idx.numpy(), compute)).float()
 
     def _inbatch(self, text: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        """[B, B] teacher scores of the batch's texts against its items: from the cache when every pair is
+        """[R, B] teacher scores of R captions against the batch's B items: from the cache when every pair is
         there, else one all-pairs teacher call for the block (cheaper than scoring the missing pairs one by one)."""
-        b = len(text)
-        rows, cols = text.repeat_interleave(b), item.repeat(b)
+        r, b = len(text), len(item)
+        rows, cols = text.repeat_interleave(b), item.repeat(r)
         if self.cache is not None:
             found_scores, found = self.cache.lookup(rows.numpy(), cols.numpy())
             if found.all():
-                return torch.as_tensor(found_scores).float().view(b, b)
+                return torch.as_tensor(found_scores).float().view(r, b)
         scores = self.scorer.block(text, item)
-        self.pairs_scored += b * b
+        self.pairs_scored += r * b
         if self.cache is not None:
             self.cache.add(rows.numpy(), cols.numpy(), scores.flatten().numpy())
         return scores
@@ -281,7 +285,10 @@ class DistillBatcher:
         device = batch["input_ids"].device
         if self.mode == "inbatch":
             mask = inbatch_candidates(item)
-            scores = self._inbatch(text, item)
+            r = len(text) if self.inbatch_rows is None else min(self.inbatch_rows, len(text))
+            scores = torch.zeros(mask.shape)
+            scores[:r] = self._inbatch(text[:r], item)
+            mask[r:] = False  # rows without teacher targets contribute no KL term
             batch["inbatch_teacher"], batch["inbatch_mask"] = scores.to(device), mask.to(device)
         else:
             cand, mask = self.miner.candidates(text)

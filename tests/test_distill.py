@@ -386,3 +386,14 @@ def test_bank_positive_keeps_the_listwise_term_off_the_visual_tower(data, scorer
     visual_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.visual.parameters())
     assert text_grad and not visual_grad  # every candidate, the positive included, is a bank row
     student.zero_grad(set_to_none=True)
+
+
+def test_inbatch_rows_limits_teacher_targets_to_the_first_captions(data, scorer):
+    batch = make_batch(data)
+    b = len(batch["text_index"])
+    batcher = DistillBatcher("inbatch", scorer, None, inbatch_rows=3)
+    out = batcher(dict(batch), step=0)
+    assert batcher.pairs_scored == 3 * b  # the teacher saw only 3 rows x B items
+    assert not out["inbatch_mask"][3:].any() and out["inbatch_mask"][:3].any()
+    full = DistillBatcher("inbatch", scorer, None)(dict(batch), step=0)
+    torch.testing.assert_close(out["inbatch_teacher"][:3], full["inbatch_teacher"][:3], atol=1e-4, rtol=0)

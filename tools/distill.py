@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         if mode == "listwise":
             miner = CandidateMiner(train, load_visual, tok, cfg.data.max_length, cfg.loss.listwise_k)
             checkpoint_objects.append(miner)
-        batcher = DistillBatcher(mode, scorer, cache, miner, cfg.loss.mine_every)
+        batcher = DistillBatcher(mode, scorer, cache, miner, cfg.loss.mine_every, cfg.loss.inbatch_rows)
 
     objective = DistillObjective(
         student,
