@@ -12,9 +12,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install lint clean-runs
 
+# -qq: pip prints errors only (some pip configs warn once per configured index).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
