@@ -147,3 +147,23 @@ def test_deepspeed_two_processes_leave_a_checkpoint(smoke_run, tmp_path):
     ckpt = sorted((student / "checkpoints").glob("step_*"))[-1]
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
     assert list((ckpt / "state").rglob("*optim_states*"))  # DeepSpeed's partitioned optimizer state
+
+
+def test_plain_and_deepspeed_runs_train_the_same_weights(smoke_run, tmp_path):
+    """`python tools/distill.py` and `accelerate launch` (DeepSpeed ZeRO-2, 1 process) are the same
+    training: same seeded initial weights, same data order, same optimiser maths (to float rounding)."""
+    from safetensors.torch import load_file
+
+    out, _, _ = smoke_run
+    weights = []
+    for name, launch in (("plain", None), ("ds", 1)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        for part in ("teacher", "data", "tokenizer.json"):
+            os.symlink(out / part, run_dir / part)
+        tool("distill.py", "recipe=smoke", f"output_dir={run_dir}", "train.max_steps=3", "loss.distill=none",
+             launch=launch)
+        weights.append(load_file(str(run_dir / "student" / "model.safetensors")))
+    a, b = weights
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4

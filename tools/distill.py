@@ -20,6 +20,8 @@ def main(argv=None) -> None:
     check_data_files(cfg)  # a missing dataset file fails in a second, before torch loads
     configure_threads(cfg.num_threads)
 
+    from accelerate.utils import set_seed
+
     from fastslow import stages
     from fastslow.config import to_kwargs
     from fastslow.data import collate
@@ -31,6 +33,7 @@ def main(argv=None) -> None:
     out, cache_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "cache")
     train_cfg = TrainConfig(**to_kwargs(cfg.train))
     acc = make_accelerator(out, train_cfg.grad_accum)
+    set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
     stages.print_config(cfg, acc)
     stages.ensure_shapes(cfg, acc)
     mode = cfg.loss.distill

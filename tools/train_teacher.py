@@ -18,6 +18,7 @@ def main(argv=None) -> None:
     check_data_files(cfg)  # a missing dataset file fails in a second, before torch loads
     configure_threads(cfg.num_threads)
 
+    from accelerate.utils import set_seed
     from torch import nn
 
     from fastslow import stages
@@ -29,6 +30,7 @@ def main(argv=None) -> None:
     out = stages.stage_dir(cfg, "teacher")
     train_cfg = TrainConfig(**to_kwargs(cfg.teacher_train))
     acc = make_accelerator(out, train_cfg.grad_accum)
+    set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
     stages.print_config(cfg, acc)
     stages.ensure_shapes(cfg, acc)
     train, val = stages.load_split(cfg, "train"), stages.load_split(cfg, "val")
