@@ -38,9 +38,8 @@ def main() -> None:
         f"\n{test.name}: {test.n_texts} queries, {test.n_items} items; {cfg.teacher_train.max_steps} teacher steps, "
         f"seed {cfg.seed}\n"
     )
-    print(
-        "| variant | cross-attention | directions | t2v R@1 | R@5 | R@10 | tokens/item | ms per 1k pairs | train time (s) |"
-    )
+    print("| variant | cross-attention | directions | t2v R@1 | R@5 | R@10 | tokens/item | ms per 1k pairs "
+          "| train time (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant in own["variants"].split(","):
         cross_attn, directions = variant.split("-")

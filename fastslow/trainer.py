@@ -302,8 +302,7 @@ class Trainer:
                 # resumed run (one extra iterator) would see different dropout than a straight one.
                 generator=torch.Generator().manual_seed(self.seed + epoch),
             )
-            for batch in loader:
-                yield batch
+            yield from loader
             self._report_skipped(epoch)
 
     def _report_skipped(self, epoch: int) -> None:

@@ -1,7 +1,8 @@
 """Stage 2: distil the Slow teacher into the Fast student (symmetric InfoNCE + KL to the teacher).
 
     accelerate launch --config_file accelerate_config.yaml tools/distill.py recipe=shapes
-    accelerate launch --config_file accelerate_config.yaml --num_processes 8 tools/distill.py recipe=coco data.root=/data/coco
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 tools/distill.py \
+        recipe=coco data.root=/data/coco
     python tools/distill.py recipe=shapes loss.distill=none         # the plain dual encoder, for comparison
     python tools/distill.py recipe=smoke
 

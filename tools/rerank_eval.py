@@ -13,8 +13,8 @@ Needs ${output_dir}/teacher, /student and /index (tools/build_index.py). Methods
 Accuracy is over every test query; the teacher scores each query's student top-max(eval.k) once and
 every k is ranked from those scores. Latency is timed by running each method itself on the first
 eval.latency_queries queries in batches of eval.text_batch (the batched query-time path), reported per
-query: mean and p95 over batches; speedup_vs_slow divides the teacher-over-everything latency by it. Writes ${output_dir}/eval/: metrics.json, metrics.csv, r1_vs_k.png,
-latency_vs_k.png.
+query: mean and p95 over batches; speedup_vs_slow divides the teacher-over-everything latency by it.
+Writes ${output_dir}/eval/: metrics.json, metrics.csv, r1_vs_k.png, latency_vs_k.png.
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
@@ -161,7 +161,8 @@ def main(argv=None) -> None:
     if alpha is None:  # fuse weight tuned on the val split at combiner.k
         val, load_visual = stages.load_split(cfg, "val"), stages.visual_loader(cfg)
         v_index = build_index(encode_items_student(student, val, load_visual).numpy(), kind="flat")
-        v_s, v_ids = (torch.from_numpy(a) for a in search(v_index, encode(val.captions), min(cfg.combiner.k, val.n_items)))
+        v_k = min(cfg.combiner.k, val.n_items)
+        v_s, v_ids = (torch.from_numpy(a) for a in search(v_index, encode(val.captions), v_k))
         v_scorer = StoreTeacherScorer(teacher, encode_items_teacher(teacher, val, load_visual), tok, ml)
         alpha, _ = tune_alpha(v_s, v_ids, candidate_scores(v_scorer, val.captions, v_ids, tb),
                               torch.as_tensor(val.text_to_visual))
@@ -171,7 +172,8 @@ def main(argv=None) -> None:
 
     sample = texts[: cfg.eval.latency_queries]
     ks = sorted(set(min(k, n) for k in cfg.eval.k))
-    variants = [(k, mode, f"{prefix}@{k}", None) for k in ks for mode, prefix in (("slow", "fast+slow"), ("fuse", "fuse"))]
+    modes = (("slow", "fast+slow"), ("fuse", "fuse"))
+    variants = [(k, mode, f"{prefix}@{k}", None) for k in ks for mode, prefix in modes]
     if cfg.combiner.adaptive_margin is not None:
         k = min(cfg.combiner.k, k_max)
         variants.append((k, "slow", f"adaptive@{k}", cfg.combiner.adaptive_margin))

@@ -1,7 +1,8 @@
 """Stage 1: train the Slow teacher (a cross-attention captioner) with the bi-directional captioning loss.
 
     python tools/train_teacher.py recipe=shapes
-    accelerate launch --config_file accelerate_config.yaml tools/train_teacher.py recipe=flickr data.root=/data/flickr30k
+    accelerate launch --config_file accelerate_config.yaml tools/train_teacher.py \
+        recipe=flickr data.root=/data/flickr30k
     python tools/train_teacher.py recipe=smoke            # a few seconds: checks an install
 
 Writes ${output_dir}/teacher/: model.safetensors, config.yaml, tokenizer.json, checkpoints/, tb/.
