@@ -8,7 +8,6 @@ functions here read the recipe sections, apply the conventions of a run director
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -181,11 +180,9 @@ def build_student(cfg: DictConfig, tokenizer: TextTokenizer) -> torch.nn.Module:
 
 def weights_hash(path: str | os.PathLike) -> str:
     """Short sha256 of a weights file: stamps caches and indexes with the model that made them."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    from fastslow.index import file_hash
+
+    return file_hash(path)
 
 
 def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Module, DictConfig, TextTokenizer]:
