@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from fastslow.data import PairDataset, RetrievalSplit, VisualDataset, collate
+from fastslow.data import RetrievalSplit, VisualDataset, collate
 from fastslow.metrics import retrieval_metrics
 from fastslow.tokenizer import TextTokenizer
 
@@ -107,13 +107,6 @@ def evaluate_student(
     items = encode_items_student(student, split, load_visual)
     texts = encode_texts_student(student, tokenizer, split.captions, max_length=max_length)
     return retrieval_metrics(texts @ items.T, split.text_to_visual)
-
-
-def pair_dataset(
-    split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, max_length: int, on_error: str = "raise"
-) -> PairDataset:
-    """The training dataset: one sample per caption."""
-    return PairDataset(split, load_visual, tokenizer, max_length, on_error=on_error)
 
 
 class StoreTeacherScorer:

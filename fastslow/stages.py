@@ -56,10 +56,6 @@ def is_main() -> bool:
 # ---------------------------------------------------------------- data
 
 
-def _generator_params(cfg: DictConfig) -> dict[str, Any]:
-    return to_kwargs(cfg.data.generate)
-
-
 def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
     """Generate the built-in shapes data under `data.root` when it is missing or was made with other
     settings (it is deterministic and takes seconds, so regenerating beats a confusing mismatch)."""
@@ -68,7 +64,7 @@ def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
     if cfg.data.dataset not in ("shapes", "shapes_video"):
         return
     root = Path(cfg.data.root)
-    params = _generator_params(cfg)
+    params = to_kwargs(cfg.data.generate)
     stamp = root / "generator.json"
     wanted = {"dataset": cfg.data.dataset, **params}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
@@ -216,6 +212,15 @@ def save_run_config(cfg: DictConfig, directory: Path) -> Path:
     path = directory / "config.yaml"
     save_config(cfg, path)
     return path
+
+
+def prepare_training(cfg: DictConfig, accelerator) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer, Any]:
+    """What both training stages start from: the config shown, the data in place, the train and val
+    splits, the run's tokenizer and the item loader."""
+    print_config(cfg, accelerator)
+    ensure_shapes(cfg, accelerator)
+    train, val = load_split(cfg, "train"), load_split(cfg, "val")
+    return train, val, get_tokenizer(cfg, train, accelerator), visual_loader(cfg)
 
 
 def print_config(cfg: DictConfig, accelerator=None) -> None:

@@ -25,9 +25,9 @@ def main(argv=None) -> None:
 
     from fastslow import stages
     from fastslow.config import to_kwargs
-    from fastslow.data import collate
+    from fastslow.data import PairDataset, collate
     from fastslow.distill import CandidateMiner, DistillBatcher, DistillObjective, TeacherPairScorer, split_hash
-    from fastslow.evaluation import evaluate_student, pair_dataset
+    from fastslow.evaluation import evaluate_student
     from fastslow.score_cache import TeacherScoreCache
     from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 
@@ -35,13 +35,9 @@ def main(argv=None) -> None:
     train_cfg = TrainConfig(**to_kwargs(cfg.train))
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
-    stages.print_config(cfg, acc)
-    stages.ensure_shapes(cfg, acc)
     mode = cfg.loss.distill
     teacher_dir = stages.stage_dir(cfg, "teacher")
-    train, val = stages.load_split(cfg, "train"), stages.load_split(cfg, "val")
-    tok = stages.get_tokenizer(cfg, train, acc)
-    load_visual = stages.visual_loader(cfg)
+    train, val, tok, load_visual = stages.prepare_training(cfg, acc)
     student = stages.build_student(cfg, tok)
     acc.print(
         f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
@@ -96,7 +92,7 @@ def main(argv=None) -> None:
     acc.wait_for_everyone()
     trainer = Trainer(
         objective,
-        pair_dataset(train, load_visual, tok, cfg.data.max_length, cfg.data.on_error),
+        PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error),
         collate_fn=collate,
         out_dir=out,
         cfg=train_cfg,

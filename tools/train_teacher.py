@@ -24,19 +24,15 @@ def main(argv=None) -> None:
 
     from fastslow import stages
     from fastslow.config import to_kwargs
-    from fastslow.data import collate
-    from fastslow.evaluation import evaluate_teacher, pair_dataset, visual_args
+    from fastslow.data import PairDataset, collate
+    from fastslow.evaluation import evaluate_teacher, visual_args
     from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 
     out = stages.stage_dir(cfg, "teacher")
     train_cfg = TrainConfig(**to_kwargs(cfg.teacher_train))
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
-    stages.print_config(cfg, acc)
-    stages.ensure_shapes(cfg, acc)
-    train, val = stages.load_split(cfg, "train"), stages.load_split(cfg, "val")
-    tok = stages.get_tokenizer(cfg, train, acc)
-    load_visual = stages.visual_loader(cfg)
+    train, val, tok, load_visual = stages.prepare_training(cfg, acc)
     teacher = stages.build_teacher(cfg, tok)
     acc.print(
         f"teacher {cfg.teacher.name}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters; "
@@ -65,7 +61,7 @@ def main(argv=None) -> None:
     acc.wait_for_everyone()
     trainer = Trainer(
         CaptioningObjective(teacher),
-        pair_dataset(train, load_visual, tok, cfg.data.max_length, cfg.data.on_error),
+        PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error),
         collate_fn=collate,
         out_dir=out,
         cfg=train_cfg,
