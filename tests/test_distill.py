@@ -64,14 +64,14 @@ def teacher(data):
     """A briefly trained teacher, left as a trainer leaves it (train mode, trainable).
 
     At random init its scores hardly depend on the item (spread over items ~2e-3 per text, the size of the fp16
-    tolerance); 30 steps make the spread ~0.1, so a test that mixed items up would fail.
+    tolerance); 80 steps make the spread ~0.1, so a test that mixed items up would fail.
     """
     train, loader, tok = data
     teacher = make_teacher(tok).train()
     pixels = torch.stack([loader(train.item_paths[i]) for i in train.text_to_visual])
     ids, mask = tok.encode(train.captions, MAX_LEN)
     opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    for _ in range(30):
+    for _ in range(80):
         loss = teacher.loss(teacher.encode_visual(pixels), ids, mask)["loss"]
         opt.zero_grad()
         loss.backward()
