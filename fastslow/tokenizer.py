@@ -4,8 +4,8 @@ Every row `TextTokenizer.encode` returns is ``BOS w1 .. wn EOS PAD ..``: the mod
 last real tokens being BOS and EOS (the right-to-left captioner reverses ``w1 .. wn`` between them).
 
 Tokenizers trained here (`train_tokenizer`) are WordPiece over a lower-casing BERT normaliser and a
-whitespace + punctuation pre-tokenizer, with ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``. On a small caption
-vocabulary (the built-in shapes data) the trainer has room to make every word one token.
+whitespace + punctuation pre-tokenizer, with ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``: the alphabet plus the
+most frequent whole words, chosen deterministically (the same captions give the same ids in any process).
 
 A tokenizer is saved as one standard ``tokenizer.json``: BOS / EOS are recoverable from its
 post-processor (``BOS $A EOS``) and PAD from its padding section, so `TextTokenizer.from_file` needs that
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["SPECIAL_TOKENS", "TextTokenizer", "train_tokenizer", "load_pretrained_tokenizer"]
 
@@ -218,38 +219,48 @@ class TextTokenizer:
 def train_tokenizer(
     texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: int = 1, lowercase: bool = True
 ) -> TextTokenizer:
-    """Train a WordPiece tokenizer on captions.
+    """Build a WordPiece tokenizer from captions, deterministically.
+
+    The vocabulary is every character seen (as a word start ``c`` and as a continuation ``##c``, so any
+    word over the seen alphabet encodes) plus the most frequent whole words, ties broken alphabetically,
+    up to ``vocab_size``. A word outside it is split greedily into the longest known pieces; a word with
+    an unseen character becomes ``[UNK]``. Caption vocabularies are small (shapes: ~40 words; Flickr30K:
+    ~18k words, of which 8,000 cover >99% of the tokens), so whole words are what a captioner wants.
+
+    Why not ``tokenizers.trainers.WordPieceTrainer``: it breaks ties between equally frequent merges in
+    hash-map order, which changes from process to process (huggingface/tokenizers#1794), so the same
+    captions gave different vocabularies in about 1 run in 4 -- and every teacher, score cache and
+    checkpoint built on the ids would silently stop matching. Here the result depends only on the
+    multiset of captions: not on their order, the process or ``PYTHONHASHSEED``.
 
     Args:
         texts: the training captions.
-        vocab_size: the largest vocabulary, special tokens included (smaller if the texts run out of merges).
-        min_frequency: a merge must occur this often to be learnt.
+        vocab_size: the largest vocabulary, special tokens included. The alphabet is always kept (as the
+            library trainer does), so a tiny ``vocab_size`` can be exceeded by it.
+        min_frequency: a whole word must occur this often to get its own token.
         lowercase: lower-case (and strip accents from) the text before splitting it.
 
     Returns:
-        A `TextTokenizer` with ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``.
+        A `TextTokenizer` with ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``, then the other tokens sorted.
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on whitespace and around punctuation
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on whitespace and around punctuation
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted({ch for word in counts for ch in word})
+    pieces = {*SPECIAL_TOKENS, *alphabet, *(f"##{ch}" for ch in alphabet)}
+    room = max(vocab_size - len(pieces), 0)
+    # (-count, word) is a total order: no tie is left to the hash map or to the order of the captions.
+    words = (w for w, n in counts.items() if n >= min_frequency and w not in pieces)
+    frequent = sorted(words, key=lambda w: (-counts[w], w))
+    learnt = sorted(pieces.difference(SPECIAL_TOKENS).union(frequent[:room]))
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *learnt])}
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     # cleanup=False: the BERT clean-up re-attaches punctuation but also rewrites " do not" as " don't".
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, Sequence) else None)
-    # The trainer numbers tokens of equal frequency in hash-map order, which changes from process to
-    # process (huggingface/tokenizers#1794): the same captions would give other ids, and every teacher
-    # score, cache and checkpoint built on them would silently stop matching. Renumber deterministically:
-    # the specials first, then the learnt tokens sorted. WordPiece's greedy longest match does not
-    # depend on the ids, so only the numbering changes.
-    learnt = sorted(t for t in tokenizer.get_vocab() if t not in SPECIAL_TOKENS)
-    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *learnt])}
-    tokenizer.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##")
     return TextTokenizer(tokenizer, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]")
 
 
