@@ -1,68 +1,183 @@
-"""Does distillation help the Fast student? Same data, seed and steps; only the loss changes.
+"""Does distillation make a better Fast student? Same data, architecture and steps; only the loss changes.
 
-    python benchmarks/distillation.py recipe=shapes
-    python benchmarks/distillation.py recipe=shapes modes=none,inbatch train.max_steps=1000
+    python benchmarks/distillation.py recipe=shapes seeds=0,1,2
+    python benchmarks/distillation.py recipe=shapes_video seeds=0,1,2
+    python benchmarks/distillation.py recipe=shapes seeds=0 configs=none,group,group-kl0,group-length jobs=2
 
-Needs ${output_dir}/teacher (tools/train_teacher.py). Each mode (loss.distill = none | inbatch |
-listwise) trains a student into ${output_dir}/bench/distill_<mode>/ (teacher, tokenizer and teacher-score
-caches shared by symlink), then the student and the teacher are evaluated by full ranking on the test
-split. Prints a markdown table (test text->item R@1/5/10, share of the student->teacher R@1 gap closed,
-training wall time, teacher pairs scored) for docs/BENCHMARKS.md.
+One teacher per recipe, shared by every run: ${output_dir}/teacher (trained here with tools/train_teacher.py
+if absent). For each seed and each config, tools/distill.py trains a student into
+${output_dir}/bench/distill_<config>_s<seed>/ (tokenizer, teacher and teacher-score caches shared by
+symlink, so a pair the teacher scored for one run is a cache hit for every later one), then the student
+and the teacher are evaluated by full ranking on the test split.
+
+Configs (`configs=`, comma-separated): `none` is the plain dual encoder (InfoNCE only); `recipe` is the
+recipe's own loss section as it stands; the others are the recipe's loss with a few keys changed, named
+in CONFIGS below (ablations of one ingredient each). Anything else on the command line is a recipe
+override applied to every run (e.g. `train.max_steps=600`).
+
+Writes ${output_dir}/bench/distillation.json:
+    {"teacher": {"t2v_R@1": ...}, "runs": [{"seed", "mode", "t2v_R@1", "t2v_R@5", "train_seconds",
+     "teacher_pairs_scored", "cache_hits", "overrides"}, ...]}
+and prints a Markdown table: per config, mean ± sample std over seeds, and the share of the
+(teacher - plain) gap closed, computed per seed against that seed's plain run and then averaged.
+`jobs=2` runs two trainings at once with one thread each (wall times are then per-job, contended).
 """
 
-import sys
+from __future__ import annotations
 
-from _common import ROOT, run_tool, split_own, variant_dir
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import ROOT, split_own, variant_dir
+
+# Named loss configurations: recipe overrides on top of the recipe's own loss section.
+CONFIGS: dict[str, list[str]] = {
+    "none": ["loss.distill=none"],
+    "recipe": [],
+    "inbatch": ["loss.distill=inbatch", "loss.inbatch_rows=null", "loss.teacher_norm=length",
+                "loss.denoise_margin=null", "loss.student_temperature=null"],
+    "listwise": ["loss.distill=listwise", "loss.teacher_norm=length", "loss.denoise_margin=null",
+                 "loss.student_temperature=null"],
+    "group": ["loss.distill=group"],
+    "group-kl0": ["loss.distill=group", "loss.distill_weight=0.0", "loss.denoise_margin=null"],  # mined batches only
+    "group-length": ["loss.distill=group", "loss.teacher_norm=length"],
+    "group-zscore": ["loss.distill=group", "loss.teacher_norm=zscore"],
+    "group-nodenoise": ["loss.distill=group", "loss.denoise_margin=null"],
+    "group-learnedtau": ["loss.distill=group", "loss.student_temperature=null"],
+    "group-random": ["loss.distill=group", "loss.mine_start=1000000000"],  # teacher KL over random groups
+    "group-mse": ["loss.distill=group", "loss.margin_mse_weight=0.1"],
+}  # fmt: skip
+
+
+def parse_pairs(log: str) -> tuple[int | None, int | None]:
+    """(teacher pairs scored, cache hits) from the last line tools/distill.py prints."""
+    tail = log.rsplit("teacher pairs scored this run: ", 1)
+    if len(tail) < 2:
+        return None, None
+    scored = int(tail[1].split(";")[0])
+    hits = tail[1].split("cache hits: ", 1)
+    return scored, int(hits[1].split(";")[0]) if len(hits) > 1 else None
+
+
+def launch(args: list[str], log: Path, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    f = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "distill.py"), *args, f"num_threads={threads}"],
+        cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    proc.log_file = f  # type: ignore[attr-defined]
+    proc.started = time.perf_counter()  # type: ignore[attr-defined]
+    return proc
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main() -> None:
-    own, overrides = split_own(sys.argv[1:], {"modes": "none,inbatch,listwise"})
+    own, overrides = split_own(sys.argv[1:], {"seeds": "0,1,2", "configs": "none,recipe", "jobs": "1"})
+    # Compatibility with the first version of this script: modes=none,inbatch means configs of those names.
+    own_modes, overrides = split_own(overrides, {"modes": ""})
+    configs = (own_modes["modes"] or own["configs"]).split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    seeds = [int(s) for s in own["seeds"].split(",")]
+    jobs = max(1, int(own["jobs"]))
+
     from fastslow.config import load_recipe
     from fastslow.runtime import configure_threads
 
     cfg = load_recipe(overrides)
-    configure_threads(cfg.num_threads)
-    from pathlib import Path
-
+    threads = configure_threads(cfg.num_threads if jobs == 1 else 1)
     from fastslow import stages
     from fastslow.evaluation import evaluate_student, evaluate_teacher
 
-    base = ROOT / cfg.output_dir if not Path(cfg.output_dir).is_absolute() else Path(cfg.output_dir)
+    base = Path(cfg.output_dir) if Path(cfg.output_dir).is_absolute() else ROOT / cfg.output_dir
+    if not (base / "teacher" / "model.safetensors").is_file():
+        print(f"no teacher in {base / 'teacher'}: training it (tools/train_teacher.py)", flush=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "train_teacher.py"), *overrides], cwd=ROOT, check=True
+        )
     test, load_visual = stages.load_split(cfg, "test"), stages.visual_loader(cfg)
     teacher, _, tok = stages.load_trained(base / "teacher", "teacher")
-    rows = {"teacher": evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)}
-    extra = {}
-    for mode in own["modes"].split(","):
-        d = variant_dir(base, f"distill_{mode}", ("teacher", "tokenizer.json", "cache"))
-        secs = run_tool(
-            "distill.py",
-            [*overrides, f"output_dir={d}", f"loss.distill={mode}", "train.resume=none"],
-            d / "distill.log",
-        )
+    teacher_metrics = evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)
+    del teacher
+
+    todo = [(c, s) for s in seeds for c in configs]
+    running: list[tuple[str, int, Path, subprocess.Popen]] = []
+    runs = []
+
+    def reap(entry) -> None:
+        config, seed, d, proc = entry
+        code = proc.wait()
+        proc.log_file.close()
+        secs = time.perf_counter() - proc.started
+        if code:
+            raise SystemExit(f"distill.py ({config}, seed {seed}) failed; see {d / 'distill.log'}")
         student, _, _ = stages.load_trained(d / "student", "student")
-        rows[f"student ({mode})"] = evaluate_student(student, test, load_visual, tok, max_length=cfg.data.max_length)
-        log = (d / "distill.log").read_text()
-        pairs = log.rsplit("teacher pairs scored this run: ", 1)[-1].split(";")[0] if "pairs scored" in log else "-"
-        extra[f"student ({mode})"] = (secs, pairs)
-    gap0 = rows["teacher"]["t2v_R@1"] - rows.get("student (none)", {}).get("t2v_R@1", float("nan"))
+        m = evaluate_student(student, test, load_visual, tok, max_length=cfg.data.max_length)
+        scored, hits = parse_pairs((d / "distill.log").read_text())
+        runs.append({
+            "seed": seed, "mode": config, "t2v_R@1": m["t2v_R@1"], "t2v_R@5": m["t2v_R@5"],
+            "t2v_R@10": m["t2v_R@10"], "train_seconds": round(secs, 1), "teacher_pairs_scored": scored or 0,
+            "cache_hits": hits or 0, "overrides": CONFIGS[config],
+        })  # fmt: skip
+        print(f"  {config} seed {seed}: t2v R@1 {m['t2v_R@1']:.1f} ({secs:.0f} s)", flush=True)
+
+    print(f"teacher: t2v R@1 {teacher_metrics['t2v_R@1']:.1f}; {len(todo)} student runs, {jobs} at a time", flush=True)
+    while todo or running:
+        while todo and len(running) < jobs:
+            config, seed = todo.pop(0)
+            d = variant_dir(base, f"distill_{config}_s{seed}", ("teacher", "tokenizer.json", "cache"))
+            args = [*overrides, *CONFIGS[config], f"seed={seed}", f"output_dir={d}", "train.resume=none"]
+            running.append((config, seed, d, launch(args, d / "distill.log", threads)))
+        done = next((e for e in running if e[3].poll() is not None), None)
+        if done is None:
+            time.sleep(2)
+            continue
+        running.remove(done)
+        reap(done)
+
+    out = base / "bench" / "distillation.json"
+    out.write_text(json.dumps({"teacher": teacher_metrics, "runs": runs}, indent=1))
+    print_table(cfg, test, teacher_metrics, runs, configs, seeds)
+    print(f"\nwritten: {out}")
+
+
+def print_table(cfg, test, teacher_metrics, runs, configs, seeds) -> None:
+    plain = {r["seed"]: r["t2v_R@1"] for r in runs if r["mode"] == "none"}
+    t1 = teacher_metrics["t2v_R@1"]
     print(
-        f"\n{test.name}: {test.n_texts} queries, {test.n_items} items; {cfg.train.max_steps} student steps, "
-        f"seed {cfg.seed}\n"
+        f"\n{test.name}: {test.n_texts} queries, {test.n_items} items; {cfg.train.max_steps} student steps; "
+        f"seeds {','.join(map(str, seeds))}; teacher t2v R@1 {t1:.1f}\n"
     )
-    print("| model | t2v R@1 | R@5 | R@10 | gap closed | train time (s) | teacher pairs scored |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, m in rows.items():
-        closed = (
-            "-"
-            if name == "teacher" or "none" in name
-            else f"{100 * (m['t2v_R@1'] - rows['student (none)']['t2v_R@1']) / gap0:.0f}%"
-            if "student (none)" in rows
-            else "-"
-        )
-        secs, pairs = extra.get(name, (None, "-"))
+    print("| config | t2v R@1 | R@5 | R@10 | gap closed | train s | teacher pairs scored | cache hits |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| teacher (Slow, full ranking) | {t1:.1f} | {teacher_metrics['t2v_R@5']:.1f} | "
+          f"{teacher_metrics['t2v_R@10']:.1f} | | | | |")  # fmt: skip
+    for config in configs:
+        rs = [r for r in runs if r["mode"] == config]
+        closed = [
+            (r["t2v_R@1"] - plain[r["seed"]]) / (t1 - plain[r["seed"]])
+            for r in rs
+            if r["seed"] in plain and t1 != plain[r["seed"]] and config != "none"
+        ]
+        gap = "-" if not closed else mean_std([100 * c for c in closed]) + " %"
         print(
-            f"| {name} | {m['t2v_R@1']:.1f} | {m['t2v_R@5']:.1f} | {m['t2v_R@10']:.1f} | {closed} | "
-            f"{'-' if secs is None else f'{secs:.0f}'} | {pairs} |"
+            f"| {config} | {mean_std([r['t2v_R@1'] for r in rs])} | {mean_std([r['t2v_R@5'] for r in rs])} | "
+            f"{mean_std([r['t2v_R@10'] for r in rs])} | {gap} | {statistics.mean(r['train_seconds'] for r in rs):.0f} "
+            f"| {sum(r['teacher_pairs_scored'] for r in rs):,} | {sum(r['cache_hits'] for r in rs):,} |"
         )
 
 

@@ -32,10 +32,12 @@ from torch import nn
 
 from fastslow.data import RetrievalSplit
 from fastslow.evaluation import encode_items_student, encode_texts_student, iter_items, visual_args
-from fastslow.losses import ClipLoss, DistillLoss
+from fastslow.losses import TEACHER_NORMS, ClipLoss, DistillLoss, teacher_logits, teacher_matches
 from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_negatives
 from fastslow.score_cache import TeacherScoreCache
 from fastslow.tokenizer import TextTokenizer
+
+DISTILL_MODES = ("none", "inbatch", "listwise", "group")
 
 
 def split_hash(split: RetrievalSplit) -> str:
@@ -128,6 +130,28 @@ class TeacherPairScorer:
         return self.teacher.score(visual, ids, mask).float().cpu()
 
 
+class OracleScorer:
+    """Ground-truth "teacher" for the built-in shapes data: 0 when the caption is true of the item, else
+    ``-penalty``. Distilling from it shows how much of the teacher's gap the student can close at all (its
+    ceiling); it is a benchmark instrument, never a default.
+
+    Args:
+        truth: a `fastslow.data.shapes.GroundTruth` for the training split.
+        penalty: score of a caption that does not fit (the KL target puts ~exp(-penalty) on it).
+    """
+
+    def __init__(self, truth, penalty: float = 20.0):
+        self.truth, self.penalty = truth, penalty
+
+    def __call__(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        fits = self.truth.fits(torch.as_tensor(text_idx).tolist(), torch.as_tensor(item_idx).tolist())
+        return torch.where(torch.from_numpy(fits), 0.0, -self.penalty).float()
+
+    def block(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        t, i = torch.as_tensor(text_idx), torch.as_tensor(item_idx)
+        return self(t.repeat_interleave(len(i)), i.repeat(len(t))).view(len(t), len(i))
+
+
 class CandidateMiner:
     """Each training caption's top-K items by the current student (a memory bank of item embeddings).
 
@@ -148,25 +172,42 @@ class CandidateMiner:
         self.rounds = 0
 
     @torch.no_grad()
-    def refresh(self, student: nn.Module) -> None:
+    def refresh(self, student: nn.Module, texts: bool = True) -> None:
+        """Re-encode the split's items (the bank) and, with ``texts``, every caption's top-K from it.
+
+        ``texts=False`` refreshes the bank only: encoding every caption costs ~5x the items on shapes (30k
+        captions vs 6k images), and group batches search the bank with live anchor embeddings instead
+        (`search`)."""
         was_training = student.training
         student.eval()
         self.item_emb = encode_items_student(student, self.split, self.load_visual)
-        text_emb = encode_texts_student(student, self.tokenizer, self.split.captions, max_length=self.max_length)
-        positives = torch.as_tensor(self.split.text_to_visual)
-        self.mined = mine_hard_negatives(text_emb.numpy(), self.item_emb.numpy(), positives, self.k)
+        if texts:
+            text_emb = encode_texts_student(student, self.tokenizer, self.split.captions, max_length=self.max_length)
+            positives = torch.as_tensor(self.split.text_to_visual)
+            self.mined = mine_hard_negatives(text_emb.numpy(), self.item_emb.numpy(), positives, self.k)
         self.rounds += 1
         student.train(was_training)
+
+    @torch.no_grad()
+    def search(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_index):
+        """[A, K] top-K bank items (own item removed) for A captions embedded now by ``student`` (eval mode)."""
+        was_training = student.training
+        student.eval()
+        text_emb = student.encode_text(input_ids, attention_mask).float().cpu()
+        student.train(was_training)
+        positives = torch.as_tensor(self.split.text_to_visual)[torch.as_tensor(text_index).cpu()]
+        return mine_hard_negatives(text_emb.numpy(), self.item_emb.numpy(), positives, self.k)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The bank travels with checkpoints: a resumed run must mine from the same embeddings."""
         if self.item_emb is None:
             return {}
-        return {"item_emb": self.item_emb, "mined": self.mined, "rounds": torch.tensor(self.rounds)}
+        state = {"item_emb": self.item_emb, "rounds": torch.tensor(self.rounds)}
+        return state if self.mined is None else {**state, "mined": self.mined}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            self.item_emb, self.mined, self.rounds = state["item_emb"], state["mined"], int(state["rounds"])
+            self.item_emb, self.mined, self.rounds = state["item_emb"], state.get("mined"), int(state["rounds"])
 
     def candidates(self, text_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cand [B, K+1] item indices with the positive first, mask [B, K+1]) for the batch's texts."""
@@ -177,10 +218,28 @@ class CandidateMiner:
 
 
 class DistillObjective(nn.Module):
-    """forward(batch) -> {"loss", "contrastive_loss", "inbatch_distill_loss"?, "listwise_distill_loss"?}.
+    """forward(batch) -> {"loss", "contrastive_loss", "<term>_distill_loss"...}: the terms combine, each weighted.
 
-    The batch carries what `DistillBatcher` attached without gradients: `inbatch_teacher` [B, B] and
-    `inbatch_mask`; `listwise_teacher` [B, K+1], `listwise_mask` and `listwise_emb` [B, K+1, E].
+    The batch carries what `DistillBatcher` attached without gradients:
+
+    - ``inbatch_teacher`` [B, B] raw teacher scores and ``inbatch_mask`` (in-batch KL; in group mode the
+      mask is each row's group, whose columns are the anchor's mined neighbours, all encoded live);
+    - ``listwise_teacher`` [B, K+1], ``listwise_mask`` and ``listwise_emb`` [B, K+1, E] (memory bank).
+
+    Args:
+        student: the dual encoder being trained.
+        contrastive_weight: weight of the symmetric InfoNCE.
+        distill_weight: weight of the KL over ``inbatch_*`` (in-batch or group candidates) and ``listwise_*``.
+        teacher_temperature: τ_T applied after `teacher_logits` normalisation.
+        student_temperature: a fixed τ_S for the KL (the KL then cannot move the InfoNCE temperature);
+            None: the student's own learnable scale.
+        teacher_norm: how raw teacher scores become logits (`fastslow.losses.teacher_logits`).
+        teacher_directions: reading directions summed in the teacher's scores (for ``sum``).
+        denoise_margin: None, or drop from InfoNCE the negatives the teacher rates within this margin of the
+            positive (in normalised teacher logits, before τ_T); see `teacher_matches`.
+        margin_mse_weight: weight of margin-MSE (Hofstätter et al. 2020) on (positive - candidate) margins of
+            the ``inbatch_*`` candidates: student margins in its scaled logits, teacher margins in normalised
+            logits / τ_T. 0 = off.
     """
 
     def __init__(
@@ -192,37 +251,195 @@ class DistillObjective(nn.Module):
         teacher_temperature: float = 1.0,
         student_temperature: float | None = None,
         fresh_positive: bool = True,
+        teacher_norm: str = "length",
+        teacher_directions: int = 2,
+        denoise_margin: float | None = None,
+        margin_mse_weight: float = 0.0,
     ):
         super().__init__()
+        if teacher_norm not in TEACHER_NORMS:
+            raise ValueError(f"loss.teacher_norm={teacher_norm!r} is not one of {', '.join(TEACHER_NORMS)}")
         self.model = student
         # fresh_positive=False scores the positive from the memory bank too: every candidate then comes
         # from the same (stale) encoder, so the softmax cannot separate the positive by staleness alone;
         # the price is no distillation gradient into the visual tower.
         self.fresh_positive = fresh_positive
         self.contrastive_weight, self.distill_weight = contrastive_weight, distill_weight
+        self.teacher_norm, self.teacher_directions = teacher_norm, teacher_directions
+        self.teacher_temperature, self.student_temperature = teacher_temperature, student_temperature
+        self.denoise_margin, self.margin_mse_weight = denoise_margin, margin_mse_weight
         self.clip = ClipLoss()
         self.kl = DistillLoss(teacher_temperature, student_temperature)
+
+    def _logits(self, raw: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        return teacher_logits(raw, n_tokens, mask, norm=self.teacher_norm, directions=self.teacher_directions)
+
+    def _margin_mse(self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, scale) -> torch.Tensor:
+        """Mean over valid (row, candidate != own) pairs of ((s_ii - s_ij) * scale - (t_ii - t_ij) / τ_T)²."""
+        s_scaled = s.float() / self.student_temperature if self.student_temperature else s.float() * scale
+        t_scaled = t / self.teacher_temperature
+        pairs = mask & mask.diagonal().unsqueeze(1) & ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+        ds = s_scaled.diagonal().unsqueeze(1) - s_scaled
+        dt = t_scaled.diagonal().unsqueeze(1) - t_scaled
+        err = torch.where(pairs, (ds - dt) ** 2, torch.zeros_like(ds))
+        return err.sum() / pairs.sum().clamp(min=1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         v = self.model.encode_visual(*visual_args(batch))  # [B, E]
         t = self.model.encode_text(batch["input_ids"], batch["attention_mask"])  # [B, E]
         scale = self.model.inverse_temperature()
-        out = dict(self.clip(v, t, scale, batch["item_index"]))
-        loss = self.contrastive_weight * out["contrastive_loss"]
+        n_tokens = batch["attention_mask"].sum(1) - 1  # predicted tokens per caption (all but BOS)
+        out: dict[str, torch.Tensor] = {}
+        exclude = None
         if "inbatch_teacher" in batch:
-            d = self.kl(t @ v.T, batch["inbatch_teacher"], batch["inbatch_mask"], student_logit_scale=scale)
+            mask = batch["inbatch_mask"].bool()
+            logits_t = self._logits(batch["inbatch_teacher"], mask, n_tokens)
+            if self.denoise_margin is not None:
+                exclude = teacher_matches(logits_t, mask, self.denoise_margin)
+                out["denoised_negatives"] = exclude.sum().float().detach()
+            s = t @ v.T
+            d = self.kl(s, logits_t, mask, student_logit_scale=scale)
             out["inbatch_distill_loss"] = d["distill_loss"]
-            loss = loss + self.distill_weight * d["distill_loss"]
+            if self.margin_mse_weight:
+                out["margin_mse_loss"] = self._margin_mse(s, logits_t, mask, scale)
+        out.update(self.clip(v, t, scale, batch["item_index"], exclude=exclude))
+        loss = self.contrastive_weight * out["contrastive_loss"]
+        if "inbatch_distill_loss" in out:
+            loss = loss + self.distill_weight * out["inbatch_distill_loss"]
+        if "margin_mse_loss" in out:
+            loss = loss + self.margin_mse_weight * out["margin_mse_loss"]
         if "listwise_teacher" in batch:
             bank = batch["listwise_emb"].to(t.dtype)  # [B, K+1, E], no gradient (memory bank)
             # the positive is fresh and differentiable unless fresh_positive=False
             cand = torch.cat([v.unsqueeze(1), bank[:, 1:]], dim=1) if self.fresh_positive else bank
             s = torch.einsum("be,bke->bk", t, cand)
-            d = self.kl(s, batch["listwise_teacher"], batch["listwise_mask"], student_logit_scale=scale)
+            mask = batch["listwise_mask"].bool()
+            logits_t = self._logits(batch["listwise_teacher"], mask, n_tokens)
+            d = self.kl(s, logits_t, mask, student_logit_scale=scale)
             out["listwise_distill_loss"] = d["distill_loss"]
             loss = loss + self.distill_weight * d["distill_loss"]
         out["loss"] = loss
         return out
+
+
+def group_mask(group: torch.Tensor, item_index: torch.Tensor) -> torch.Tensor:
+    """[B, B] candidates of each row in a grouped batch: the items of its own group, each item once.
+
+    Row i's candidates are the columns j of its group (``group[j] == group[i]``); the row's own column is kept,
+    another column holding the row's own item is dropped (it is the positive, not a negative), and a repeated
+    item counts once (its first column) -- `inbatch_candidates` applied within each group.
+    """
+    n_items = int(item_index.max()) + 1 if len(item_index) else 1
+    key = group.long() * n_items + item_index.long()  # distinct across groups, equal for one item in one group
+    same_group = group[:, None] == group[None, :]
+    return inbatch_candidates(key) & same_group
+
+
+class GroupComposer:
+    """Batches made of anchor captions and captions of their mined neighbours (TAS-B-style composition).
+
+    The trainer's loader supplies A anchor pairs; each anchor caption is embedded by the current student and
+    searched against the miner's bank of item embeddings (refreshed every `mine_every` steps: cheap, the
+    items are 1/5 of the captions on shapes), ``group_size - 1`` neighbour items are drawn without
+    replacement from its top-K, and one caption of each neighbour is drawn; those pairs are loaded and
+    appended, so the batch has ``A * group_size`` rows. Every column is then encoded live by the student in
+    train mode (the bank only *chooses* the neighbours), and the in-batch KL and InfoNCE see the student's own
+    confusions. Before the first refresh the neighbours are random items (a random batch). The draws come
+    from a generator seeded by (seed, step, rank), so a resumed run composes the same batches.
+
+    Args:
+        split: the training split.
+        dataset: the `PairDataset` over ``split`` (sample i = caption i and its item).
+        miner: the candidate miner whose bank the anchors are searched against.
+        group_size: rows per group (the anchor and ``group_size - 1`` neighbours).
+        seed, rank: make the draws deterministic per step and distinct per process.
+        student: the model being trained (embeds the anchors); None: use the miner's ``mined`` table.
+    """
+
+    def __init__(
+        self,
+        split: RetrievalSplit,
+        dataset,
+        miner: CandidateMiner,
+        group_size: int,
+        seed: int,
+        rank: int = 0,
+        student: nn.Module | None = None,
+    ):
+        if group_size < 2:
+            raise ValueError(f"loss.group_size={group_size}: a group needs an anchor and at least one neighbour")
+        self.split, self.dataset, self.miner, self.group_size, self.seed, self.rank = (
+            split, dataset, miner, group_size, seed, rank)  # fmt: skip
+        t2v = torch.as_tensor(split.text_to_visual, dtype=torch.long)
+        order = torch.argsort(t2v, stable=True)  # texts grouped by item: CSR layout item -> its captions
+        self.item_texts = order
+        self.item_start = torch.searchsorted(t2v[order], torch.arange(split.n_items))
+        self.item_count = torch.bincount(t2v, minlength=split.n_items)
+        self.text_to_visual = t2v
+        self.student = student
+        self.skipped: dict[str, int] = {}
+
+    def pool(self, batch: dict) -> torch.Tensor:
+        """[A, K] mined items of the batch's anchors (-1: none yet)."""
+        anchor_text = batch["text_index"].cpu()
+        if self.student is not None and self.miner.item_emb is not None:
+            return self.miner.search(self.student, batch["input_ids"], batch["attention_mask"], anchor_text)
+        if self.student is None and self.miner.mined is not None:
+            return self.miner.mined[anchor_text]
+        return torch.full((len(anchor_text), 0), -1, dtype=torch.long)
+
+    def neighbours(self, anchor_text: torch.Tensor, step: int, pool: torch.Tensor) -> torch.Tensor:
+        """[A * (group_size - 1)] text indices: for each anchor in order, captions of neighbours from ``pool``."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + self.rank)
+        n, a = self.group_size - 1, len(anchor_text)
+        positive = self.text_to_visual[anchor_text]
+        # A random order of each row's valid entries (padding last), then the first n of it.
+        keys = torch.rand(pool.shape, generator=g) + (pool < 0).float()
+        picked = pool.gather(1, keys.argsort(dim=1)[:, :n]) if pool.shape[1] else pool
+        if picked.shape[1] < n:
+            picked = torch.cat([picked, torch.full((a, n - picked.shape[1]), -1, dtype=torch.long)], dim=1)
+        # Missing neighbours (before the first mining, or a gallery smaller than K): random other items.
+        random_items = (positive[:, None] + 1 + torch.randint(0, max(self.split.n_items - 1, 1), (a, n), generator=g))
+        random_items = random_items % self.split.n_items
+        items = torch.where(picked >= 0, picked, random_items).flatten()
+        offset = (torch.rand(len(items), generator=g) * self.item_count[items]).long()
+        return self.item_texts[self.item_start[items] + offset]
+
+    def compose(self, batch: dict, step: int) -> tuple[dict, torch.Tensor]:
+        """The grouped batch (anchors first, then each anchor's neighbours) and each row's group id."""
+        from fastslow.data import collate
+
+        anchors = batch["text_index"].cpu()
+        texts = self.neighbours(anchors, step, self.pool(batch))
+        samples = [self.dataset[int(i)] for i in texts]
+        # Neighbour k of `texts` belongs to anchor k // n; collate keeps the loaded samples in order.
+        n = self.group_size - 1
+        loaded = [k for k, sample in enumerate(samples) if sample is not None and "skipped" not in sample]
+        extra = collate(samples)
+        for _path, reason in extra.pop("skipped", []):  # counted like the trainer counts its own skips
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        group = torch.arange(len(anchors))
+        if extra.get("empty", False):
+            return batch, group
+        extra_group = torch.tensor(loaded, dtype=torch.long) // n
+        device = batch["input_ids"].device
+        merged = concat_batches(batch, {k: v.to(device) if torch.is_tensor(v) else v for k, v in extra.items()})
+        return merged, torch.cat([group, extra_group])
+
+
+def concat_batches(a: dict, b: dict) -> dict:
+    """Rows of two collated pair batches in one (captions padded to the longer of the two widths)."""
+    out = {}
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    for key, va in a.items():
+        if not torch.is_tensor(va) or key not in b:
+            continue
+        vb = b[key].to(va.device)
+        if key in ("input_ids", "attention_mask"):
+            va = torch.nn.functional.pad(va, (0, width - va.shape[1]))
+            vb = torch.nn.functional.pad(vb, (0, width - vb.shape[1]))
+        out[key] = torch.cat([va, vb])
+    return out
 
 
 class DistillBatcher:
@@ -230,13 +447,16 @@ class DistillBatcher:
     candidates (its `on_step_end`).
 
     Args:
-        mode: "none" | "inbatch" | "listwise".
+        mode: "none" | "inbatch" | "listwise" | "group".
         scorer: the teacher pair scorer (None when mode is "none").
         cache: teacher-score cache for this candidate source (None: score online every time).
-        miner: the candidate miner (listwise only).
+        miner: the candidate miner (listwise and group).
         mine_every: steps between refreshes.
         inbatch_rows: in-batch mode: only the first this-many captions of each batch get teacher targets
             (the teacher's cost is rows x batch pairs per step); None: every caption.
+        composer: group mode: the `GroupComposer` that appends each anchor's mined neighbours.
+        mine_start: first step at which the miner refreshes (before it, group mode draws random neighbours);
+            a warm student mines better candidates than a random one.
     """
 
     def __init__(
@@ -247,18 +467,28 @@ class DistillBatcher:
         miner: CandidateMiner | None = None,
         mine_every: int = 500,
         inbatch_rows: int | None = None,
+        composer: GroupComposer | None = None,
+        mine_start: int = 0,
     ):
-        if mode not in ("none", "inbatch", "listwise"):
-            raise ValueError(f"loss.distill={mode!r} is not one of none, inbatch, listwise")
+        if mode not in DISTILL_MODES:
+            raise ValueError(f"loss.distill={mode!r} is not one of {', '.join(DISTILL_MODES)}")
+        if mode == "group" and composer is None:
+            raise ValueError("loss.distill=group needs a GroupComposer")
         self.mode, self.scorer, self.cache, self.miner, self.mine_every = mode, scorer, cache, miner, mine_every
-        self.inbatch_rows = inbatch_rows
+        self.inbatch_rows, self.composer, self.mine_start = inbatch_rows, composer, mine_start
         self.pairs_scored = 0  # teacher calls actually made (cache misses)
+        self.pairs_looked_up = 0  # pairs whose teacher score was needed (hits + misses)
+
+    @property
+    def cache_hits(self) -> int:
+        return self.pairs_looked_up - self.pairs_scored
 
     def _teacher(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         def compute(t, i):
             self.pairs_scored += len(t)
             return self.scorer(torch.as_tensor(t), torch.as_tensor(i))
 
+        self.pairs_looked_up += len(text_idx)
         if self.cache is None:
             return compute(text_idx, item_idx)
         return torch.as_tensor(self.cache.get_or_compute(text_idx.numpy(), item_idx.numpy(), compute)).float()
@@ -268,6 +498,7 @@ class DistillBatcher:
         there, else one all-pairs teacher call for the block (cheaper than scoring the missing pairs one by one)."""
         r, b = len(text), len(item)
         rows, cols = text.repeat_interleave(b), item.repeat(r)
+        self.pairs_looked_up += r * b
         if self.cache is not None:
             found_scores, found = self.cache.lookup(rows.numpy(), cols.numpy())
             if found.all():
@@ -281,9 +512,18 @@ class DistillBatcher:
     def __call__(self, batch: dict, step: int) -> dict:
         if self.mode == "none":
             return batch
+        if self.mode == "group":
+            batch, group = self.composer.compose(batch, step)
+            batch["group"] = group.to(batch["input_ids"].device)
         text, item = batch["text_index"].cpu(), batch["item_index"].cpu()
         device = batch["input_ids"].device
-        if self.mode == "inbatch":
+        if self.mode == "group":
+            mask = group_mask(batch["group"].cpu(), item)
+            i, j = mask.nonzero(as_tuple=True)
+            scores = torch.zeros(mask.shape)
+            scores[i, j] = self._teacher(text[i], item[j])  # B x group_size pairs, cached across steps and runs
+            batch["inbatch_teacher"], batch["inbatch_mask"] = scores.to(device), mask.to(device)
+        elif self.mode == "inbatch":
             mask = inbatch_candidates(item)
             r = len(text) if self.inbatch_rows is None else min(self.inbatch_rows, len(text))
             scores = torch.zeros(mask.shape)
@@ -301,5 +541,7 @@ class DistillBatcher:
         return batch
 
     def on_step_end(self, trainer) -> None:
-        if self.mode == "listwise" and trainer.state.step % self.mine_every == 0:
-            self.miner.refresh(trainer.unwrapped().model)
+        step = trainer.state.step
+        if self.mode in ("listwise", "group") and step >= self.mine_start and step % self.mine_every == 0:
+            # group batches search the bank with live caption embeddings: only the items need re-encoding
+            self.miner.refresh(trainer.unwrapped().model, texts=self.mode == "listwise")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClipLoss", "DistillLoss"]
+__all__ = ["ClipLoss", "DistillLoss", "TEACHER_NORMS", "teacher_logits", "teacher_matches"]
 
 
 def _as_scale(logit_scale: Tensor | float, like: Tensor) -> Tensor:
@@ -67,6 +67,7 @@ class ClipLoss(nn.Module):
         text_emb: Tensor,
         logit_scale: Tensor | float,
         item_index: Tensor | None = None,
+        exclude: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the contrastive loss.
 
@@ -76,6 +77,10 @@ class ClipLoss(nn.Module):
             logit_scale: scalar inverse temperature, already exponentiated (`student.inverse_temperature()`).
             item_index: [B] long, id of row i's visual item (any integers; equal ids = the same item).
                 None = every row is a different item.
+            exclude: [B, B] bool, True where the item of pair j is *not* a negative for text i although it is
+                not text i's labelled item: a teacher rated it a match (RocketQA-style denoising, see
+                `teacher_matches`). Such pairs leave both softmaxes (text i's over items, item j's over texts);
+                an entry on a row's own item is ignored. None = the one-hot labels as they are.
 
         Returns:
             {"contrastive_loss": scalar}.
@@ -88,6 +93,8 @@ class ClipLoss(nn.Module):
         visual, text = visual_emb.float(), text_emb.float()
         batch = text.shape[0]
         rows = torch.arange(batch, device=text.device)
+        if exclude is not None and item_index is None:
+            item_index = rows  # the denoising path below needs the item columns; distinct rows = distinct items
         if item_index is None:
             logits = scale * text @ visual.T  # [B, B]: texts x visual items
             loss = (F.cross_entropy(logits, rows) + F.cross_entropy(logits.T, rows)) / 2
@@ -100,12 +107,84 @@ class ClipLoss(nn.Module):
         first = torch.full((unique.numel(),), batch, dtype=torch.long, device=text.device)
         first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # first row holding each unique item
         logits = scale * text @ visual[first].T  # [B, U]
+        if exclude is not None:
+            if exclude.shape != (batch, batch):
+                raise ValueError(f"exclude {tuple(exclude.shape)}: expected [{batch}, {batch}]")
+            # Batch columns -> unique item columns; never the row's own item (its label stays the target).
+            drop = torch.zeros(batch, unique.numel(), dtype=torch.bool, device=text.device)
+            i, j = exclude.bool().nonzero(as_tuple=True)
+            drop[i, inverse[j]] = True
+            drop[rows, inverse] = False
+            logits = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
         t2v = F.cross_entropy(logits, inverse)
         # v2t: log p(text | item) over the batch's texts, averaged over each item's positives, then over items.
         log_p = logits.T.log_softmax(dim=1)  # [U, B]
         positives = inverse.unsqueeze(0) == torch.arange(unique.numel(), device=text.device).unsqueeze(1)  # [U, B]
         v2t = -((log_p * positives).sum(dim=1) / positives.sum(dim=1)).mean()
         return {"contrastive_loss": self.weight * (t2v + v2t) / 2}
+
+
+TEACHER_NORMS = ("length", "sum", "zscore")
+
+
+def teacher_logits(
+    scores: Tensor, n_tokens: Tensor, mask: Tensor | None = None, *, norm: str = "sum", directions: int = 2
+) -> Tensor:
+    """Put a captioner's scores on the scale a softmax over candidate items should see.
+
+    `Captioner.score` is the *length-normalised* log-likelihood summed over its reading directions,
+    s = sum_d (1/n) log p_d(text | item). Used as logits at a fixed τ_T, a caption of n tokens gets a target
+    distribution p(item) ∝ p(text | item)^(d/n): the longer the caption, the flatter its target, so the
+    target temperature would depend on the caption's length rather than on the evidence.
+
+    - ``sum``: n / d * s, the mean over directions of the caption's *total* log-likelihood. A softmax of it
+      over candidate items is Bayes' posterior p(item | text) under a uniform prior over the candidates: the
+      calibrated target when the captioner is a good density model.
+    - ``zscore``: (s - mean) / std over the row's valid candidates: every caption's target has the same
+      spread whatever its length and the teacher's calibration (a per-query normalisation).
+    - ``length``: s as it is (the scale used before; kept for comparison).
+
+    Args:
+        scores: [Q, C] teacher scores (`score` / `score_pairs`), C candidates per query.
+        n_tokens: [Q] number of predicted tokens per query text (real tokens minus BOS: ``mask.sum(1) - 1``).
+        mask: [Q, C] bool of valid candidates (zscore statistics use these only); None = all valid.
+        norm: one of `TEACHER_NORMS`.
+        directions: reading directions summed in `scores` (the teacher's `config.directions`).
+
+    Returns:
+        [Q, C] float32 logits (before the division by τ_T). Invalid entries are returned unchanged.
+    """
+    scores = scores.detach().float()
+    if norm == "length":
+        return scores
+    if norm == "sum":
+        return scores * (n_tokens.to(scores).clamp(min=1) / directions).unsqueeze(1)
+    if norm == "zscore":
+        valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
+        count = valid.sum(1, keepdim=True).clamp(min=1)
+        mean = torch.where(valid, scores, 0.0).sum(1, keepdim=True) / count
+        var = torch.where(valid, (scores - mean) ** 2, 0.0).sum(1, keepdim=True) / count
+        return torch.where(valid, (scores - mean) / (var.sqrt() + 1e-6), scores)
+    raise ValueError(f"teacher norm {norm!r} is not one of {', '.join(TEACHER_NORMS)}")
+
+
+def teacher_matches(logits: Tensor, mask: Tensor, margin: float) -> Tensor:
+    """Which candidates the teacher rates as matches: within ``margin`` of the row's own item (the diagonal).
+
+    Args:
+        logits: [B, B] normalised teacher logits (`teacher_logits`) of text i against the item of pair j.
+        mask: [B, B] bool, True where ``logits`` holds a teacher score. Rows whose diagonal is not scored
+            have no reference and match nothing.
+        margin: in units of ``logits`` (log-likelihood nats for ``sum``); 0 = at least as likely as the positive.
+
+    Returns:
+        [B, B] bool, True off the diagonal where the candidate is scored and
+        ``logits[i, j] >= logits[i, i] - margin`` (the `ClipLoss` ``exclude`` argument).
+    """
+    diag = logits.diagonal().unsqueeze(1)
+    has_ref = mask.diagonal().unsqueeze(1)
+    off_diag = ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    return mask.bool() & has_ref & off_diag & (logits >= diag - margin)
 
 
 class DistillLoss(nn.Module):

@@ -16,7 +16,9 @@ from fastslow.distill import (
     CandidateMiner,
     DistillBatcher,
     DistillObjective,
+    GroupComposer,
     TeacherPairScorer,
+    group_mask,
     split_hash,
 )
 from fastslow.evaluation import encode_texts_student
@@ -32,6 +34,11 @@ IMAGE_SIZE = 32
 K = 3
 # Texts of one batch; with 2 captions per image, texts 0 and 1 share item 0 (a repeated item in the batch).
 BATCH_TEXTS = [0, 1, 5, 9, 14, 20, 33, 47]
+
+
+@pytest.fixture(scope="module")
+def data_dir(data):
+    return data[0].item_paths[0].rsplit("/images/", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -397,3 +404,142 @@ def test_inbatch_rows_limits_teacher_targets_to_the_first_captions(data, scorer)
     assert not out["inbatch_mask"][3:].any() and out["inbatch_mask"][:3].any()
     full = DistillBatcher("inbatch", scorer, None)(dict(batch), step=0)
     torch.testing.assert_close(out["inbatch_teacher"][:3], full["inbatch_teacher"][:3], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ group batches
+
+
+def make_composer(data, miner, group_size=3, seed=0):
+    train, loader, tok = data
+    return GroupComposer(train, PairDataset(train, loader, tok, MAX_LEN), miner, group_size, seed)
+
+
+def test_group_batches_hold_each_anchors_mined_neighbours(data, miner):
+    train = data[0]
+    composer = make_composer(data, miner, group_size=3)
+    anchors = make_batch(data, BATCH_TEXTS[:4])
+    batch, group = composer.compose(anchors, step=7)
+    assert len(batch["text_index"]) == 4 * 3 and group.tolist() == [0, 1, 2, 3] + [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(batch["text_index"][:4], torch.tensor(BATCH_TEXTS[:4]))
+    for row in range(4, 12):
+        a = int(group[row])
+        anchor_text = BATCH_TEXTS[a]
+        item = int(batch["item_index"][row])
+        assert item in miner.mined[anchor_text].tolist()  # a neighbour the student mined for this anchor
+        assert item != train.text_to_visual[anchor_text]
+        assert train.text_to_visual[int(batch["text_index"][row])] == item  # one of that item's own captions
+    # The two neighbours of one anchor are distinct items; the draw is deterministic per step.
+    for a in range(4):
+        rows = (group == a).nonzero().flatten()
+        assert len(set(batch["item_index"][rows].tolist())) == 3
+    again, _ = composer.compose(make_batch(data, BATCH_TEXTS[:4]), step=7)
+    other, _ = composer.compose(make_batch(data, BATCH_TEXTS[:4]), step=8)
+    assert torch.equal(again["text_index"], batch["text_index"])
+    assert not torch.equal(other["text_index"], batch["text_index"])
+
+
+def test_group_batches_search_the_bank_with_live_anchor_embeddings(data, miner, student):
+    train, loader, tok = data
+    composer = GroupComposer(train, PairDataset(train, loader, tok, MAX_LEN), miner, 3, 0, student=student)
+    anchors = make_batch(data, BATCH_TEXTS[:4])
+    student.train()
+    pool = composer.pool(anchors)
+    assert student.training  # the search ran in eval mode and gave the mode back
+    # The same as the miner's own top-K for these captions: the bank holds the same student's embeddings.
+    assert torch.equal(pool, miner.mined[torch.tensor(BATCH_TEXTS[:4])])
+    batch, group = composer.compose(make_batch(data, BATCH_TEXTS[:4]), step=1)
+    for row in range(4, 12):
+        assert int(batch["item_index"][row]) in pool[int(group[row])].tolist()
+
+
+def test_group_batches_before_mining_use_random_other_items(data, student):
+    train, loader, tok = data
+    fresh = CandidateMiner(train, loader, tok, MAX_LEN, k=K)  # never refreshed: nothing mined yet
+    batch, group = make_composer(data, fresh).compose(make_batch(data, BATCH_TEXTS[:4]), step=0)
+    assert len(batch["text_index"]) == 12
+    for row in range(4, 12):
+        assert int(batch["item_index"][row]) != train.text_to_visual[BATCH_TEXTS[int(group[row])]]
+
+
+def test_group_mask_keeps_each_rows_group_and_each_item_once():
+    group = torch.tensor([0, 1, 0, 0, 1, 1])
+    item = torch.tensor([5, 7, 8, 5, 9, 9])  # row 3 repeats row 0's item in group 0; rows 4, 5 share item 9
+    m = group_mask(group, item)
+    assert m[0].tolist() == [True, False, True, False, False, False]  # row 3 holds row 0's own item: dropped
+    assert m[3].tolist() == [False, False, True, True, False, False]  # own column kept, the copy of it dropped
+    assert m[1].tolist() == [False, True, False, False, True, False]  # item 9 once (its first column)
+    assert m[5].tolist() == [False, True, False, False, False, True]
+
+
+def test_group_batcher_scores_each_group_and_reuses_the_cache_bit_for_bit(data, scorer, miner, tmp_path):
+    train = data[0]
+    cache = new_cache(tmp_path / "cache", train, "group")
+    batcher = DistillBatcher("group", scorer, cache, miner, composer=make_composer(data, miner))
+    out = batcher(make_batch(data, BATCH_TEXTS[:4]), step=3)
+    mask, scores = out["inbatch_mask"], out["inbatch_teacher"]
+    assert torch.equal(mask, group_mask(out["group"], out["item_index"]))
+    i, j = mask.nonzero(as_tuple=True)
+    unique_pairs = len(set(zip(out["text_index"][i].tolist(), out["item_index"][j].tolist())))
+    assert int(mask.sum()) == 12 * 3  # every row against its group's 3 items
+    assert batcher.pairs_scored == unique_pairs and batcher.cache_hits == 36 - unique_pairs
+    want = scorer(out["text_index"][i], out["item_index"][j])
+    torch.testing.assert_close(scores[i, j], want, atol=1e-4, rtol=0)
+    assert (scores[~mask] == 0).all()
+    # The same step again (a resumed run, another seed's run on the same cache): every pair from the cache.
+    later = DistillBatcher("group", scorer, new_cache(tmp_path / "cache", train, "group"), miner,
+                           composer=make_composer(data, miner))  # fmt: skip
+    again = later(make_batch(data, BATCH_TEXTS[:4]), step=3)
+    assert later.pairs_scored == 0 and later.cache_hits == 36
+    assert torch.equal(again["inbatch_teacher"], scores)
+
+
+def test_denoising_drops_teacher_rated_matches_from_infonce(data, student):
+    batch = make_batch(data)
+    student.eval()
+    b = len(batch["item_index"])
+    mask = inbatch_candidates(batch["item_index"])
+    teacher = torch.full((b, b), -10.0)
+    teacher.fill_diagonal_(0.0)
+    teacher[2, 3] = -0.2  # within a margin of 0.5 of text 2's positive: a match by the teacher
+    batch["inbatch_teacher"], batch["inbatch_mask"] = teacher, mask
+    kw = dict(teacher_norm="length", distill_weight=0.0)
+    plain = DistillObjective(student, **kw)(dict(batch))
+    denoised = DistillObjective(student, denoise_margin=0.5, **kw)(dict(batch))
+    assert denoised["denoised_negatives"] == 1
+    with torch.no_grad():
+        v = student.encode_visual(batch["pixels"])
+        t = student.encode_text(batch["input_ids"], batch["attention_mask"])
+        exclude = torch.zeros(b, b, dtype=torch.bool)
+        exclude[2, 3] = True
+        want = ClipLoss()(v, t, student.inverse_temperature(), batch["item_index"], exclude=exclude)
+    torch.testing.assert_close(denoised["contrastive_loss"], want["contrastive_loss"])
+    assert not torch.allclose(denoised["contrastive_loss"], plain["contrastive_loss"])
+
+
+def test_margin_mse_by_hand(student):
+    objective = DistillObjective(student, teacher_temperature=2.0, student_temperature=0.5, margin_mse_weight=1.0)
+    s = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.4, 0.0], [0.0, 0.0, 0.3]])
+    t = torch.tensor([[0.0, -2.0, -6.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, True, False]])  # row 2: no diagonal
+    # Row 0, candidate 1: student margin (1 - 0.5) / 0.5 = 1, teacher (0 + 2) / 2 = 1 -> 0.
+    # Row 1, candidate 0: (0.4 - 0.2) / 0.5 = 0.4, teacher (0 + 1) / 2 = 0.5 -> 0.01.
+    # Row 1, candidate 2: 0.8, teacher 0 -> 0.64.
+    got = objective._margin_mse(s, t, mask, scale=None)
+    assert got.item() == pytest.approx((0 + 0.01 + 0.64) / 3, abs=1e-6)
+
+
+def test_oracle_scores_each_caption_true_of_its_own_item_and_not_of_most_others(data, data_dir):
+    from fastslow.data.shapes import GroundTruth
+    from fastslow.distill import OracleScorer
+
+    train = data[0]
+    truth = GroundTruth(f"{data_dir}/shapes_meta.json", train.item_ids, train.text_to_visual)
+    oracle = OracleScorer(truth, penalty=20.0)
+    texts = torch.arange(train.n_texts)
+    own = oracle(texts, torch.as_tensor(train.text_to_visual))
+    assert (own == 0).all()
+    block = oracle.block(texts, torch.arange(train.n_items))
+    assert set(block.unique().tolist()) == {0.0, -20.0}
+    # Partial captions fit other scenes too, full ones mostly do not: some but not all off-diagonal pairs fit.
+    fits_other = (block == 0).sum().item() - train.n_texts
+    assert 0 < fits_other < train.n_texts * (train.n_items - 1) / 2

@@ -210,3 +210,78 @@ def test_clip_loss_gradients_reach_embeddings_and_scale():
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     # The repeated rows 2 and 5 stand in no column: the first occurrence represents the item.
     assert visual.grad[[2, 5]].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- teacher logits, denoising, KL temperature
+
+
+def test_teacher_logits_by_hand():
+    from fastslow.losses import teacher_logits
+
+    scores = torch.tensor([[-1.0, -2.0, -4.0], [-0.5, -0.5, -3.5]])  # length-normalised, summed over 2 directions
+    n_tokens = torch.tensor([4, 10])
+    # sum: n / d * s -> the mean over directions of the total log-likelihood
+    want = torch.tensor([[-2.0, -4.0, -8.0], [-2.5, -2.5, -17.5]])
+    torch.testing.assert_close(teacher_logits(scores, n_tokens, norm="sum", directions=2), want)
+    torch.testing.assert_close(teacher_logits(scores, n_tokens, norm="sum", directions=1), 2 * want)
+    torch.testing.assert_close(teacher_logits(scores, n_tokens, norm="length"), scores)
+    # zscore over the valid candidates only: row 0 uses [-1, -2] (mean -1.5, std 0.5); the masked entry is untouched
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    z = teacher_logits(scores, n_tokens, mask, norm="zscore")
+    torch.testing.assert_close(z[0], torch.tensor([1.0, -1.0, -4.0]), atol=1e-5, rtol=0)
+    # row 1: mean -1.5, population std sqrt(((1)^2 + 1^2 + 2^2) / 3) = sqrt(2)
+    torch.testing.assert_close(z[1], torch.tensor([1.0, 1.0, -2.0]) / math.sqrt(2), atol=1e-5, rtol=0)
+    # A softmax of `sum` logits is the posterior over the candidates: a caption's length no longer flattens it.
+    p_len = torch.softmax(scores[1], 0)
+    p_sum = torch.softmax(teacher_logits(scores, n_tokens, norm="sum")[1], 0)
+    assert p_sum[2] < p_len[2] / 100
+    with pytest.raises(ValueError, match="bogus"):
+        teacher_logits(scores, n_tokens, norm="bogus")
+
+
+def test_teacher_matches_margin():
+    from fastslow.losses import teacher_matches
+
+    logits = torch.tensor([[0.0, -0.5, -3.0], [1.0, 0.0, 0.2], [5.0, 5.0, -1.0]])
+    mask = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    got = teacher_matches(logits, mask, margin=1.0)
+    want = torch.tensor([[False, True, False], [True, False, True], [False, False, False]])
+    assert torch.equal(got, want)  # row 2: its own item is not scored, so no reference
+    assert not teacher_matches(logits, mask, margin=0.0)[0].any()  # -0.5 < 0 - 0
+    assert teacher_matches(logits, mask, margin=0.0)[1].tolist() == [True, False, True]
+
+
+def test_clip_loss_exclude_by_hand():
+    # Three texts, three items; text 0 is told that item 1 is not a negative (the teacher rates it a match).
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0]])
+    visual = torch.eye(3)
+    text = logits  # scale 1: text i . visual j = logits[i, j]
+    exclude = torch.zeros(3, 3, dtype=torch.bool)
+    exclude[0, 1] = True
+    exclude[2, 2] = True  # on the row's own item: ignored
+    out = ClipLoss()(visual, text, 1.0, torch.arange(3), exclude=exclude)["contrastive_loss"]
+
+    def ce(row, target):
+        return -(row[target] - torch.logsumexp(row, 0))
+
+    t2v = (ce(torch.tensor([2.0, 0.0]), 0) + ce(logits[1], 1) + ce(logits[2], 2)) / 3
+    # item 1's softmax over texts loses text 0; the other items keep all texts
+    v2t = (ce(logits[:, 0], 0) + ce(torch.tensor([3.0, 0.0]), 0) + ce(logits[:, 2], 2)) / 3
+    torch.testing.assert_close(out, (t2v + v2t) / 2)
+    # Nothing excluded: exactly the plain loss.
+    plain = ClipLoss()(visual, text, 1.0, torch.arange(3))["contrastive_loss"]
+    none = ClipLoss()(visual, text, 1.0, torch.arange(3), exclude=torch.zeros(3, 3, dtype=torch.bool))
+    torch.testing.assert_close(none["contrastive_loss"], plain)
+    assert out < plain
+
+
+def test_fixed_kl_temperature_leaves_the_infonce_scale_alone():
+    logit_scale = torch.tensor(math.log(20.0), requires_grad=True)
+    s = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    t = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    apart = DistillLoss(1.0, student_temperature=0.05)(s, t, student_logit_scale=logit_scale.exp())["distill_loss"]
+    apart.backward()
+    assert logit_scale.grad is None and s.grad is not None
+    shared = DistillLoss(1.0)(s, t, student_logit_scale=logit_scale.exp())["distill_loss"]
+    shared.backward()
+    assert logit_scale.grad is not None and logit_scale.grad.abs() > 0

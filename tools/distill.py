@@ -21,21 +21,40 @@ def main(argv=None) -> None:
     check_data_files(cfg)  # a missing dataset file fails in a second, before torch loads
     configure_threads(cfg.num_threads)
 
+    import dataclasses
+    from pathlib import Path
+
     from accelerate.utils import set_seed
 
     from fastslow import stages
-    from fastslow.config import to_kwargs
+    from fastslow.config import ConfigError, to_kwargs
     from fastslow.data import PairDataset, collate
-    from fastslow.distill import CandidateMiner, DistillBatcher, DistillObjective, TeacherPairScorer, split_hash
+    from fastslow.distill import (
+        CandidateMiner,
+        DistillBatcher,
+        DistillObjective,
+        GroupComposer,
+        OracleScorer,
+        TeacherPairScorer,
+        split_hash,
+    )
     from fastslow.evaluation import evaluate_student
     from fastslow.score_cache import TeacherScoreCache
     from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 
     out, cache_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "cache")
     train_cfg = TrainConfig(**to_kwargs(cfg.train))
+    mode = cfg.loss.distill
+    if mode == "group":
+        # The loader supplies the anchors; each brings group_size - 1 mined neighbours, so a step still
+        # trains on train.batch_size pairs, as the other modes do.
+        if train_cfg.batch_size % cfg.loss.group_size:
+            raise ConfigError(
+                f"train.batch_size={train_cfg.batch_size} is not a multiple of loss.group_size={cfg.loss.group_size}"
+            )
+        train_cfg = dataclasses.replace(train_cfg, batch_size=train_cfg.batch_size // cfg.loss.group_size)
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
-    mode = cfg.loss.distill
     teacher_dir = stages.stage_dir(cfg, "teacher")
     train, val, tok, load_visual = stages.prepare_training(cfg, acc)
     student = stages.build_student(cfg, tok)
@@ -44,12 +63,23 @@ def main(argv=None) -> None:
         f"distillation: {mode}"
     )
 
-    batcher, checkpoint_objects = DistillBatcher("none"), []
-    if mode != "none":
+    batcher, checkpoint_objects, teacher_directions, composer = DistillBatcher("none"), [], 2, None
+    dataset = PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error)
+    if mode != "none" and cfg.loss.oracle:
+        # The student's ceiling: targets from the generator's ground truth instead of a teacher (shapes only).
+        from fastslow.data.shapes import GroundTruth
+
+        if cfg.data.dataset not in ("shapes", "shapes_video"):
+            raise ConfigError(f"loss.oracle=true needs the built-in shapes data, not data.dataset={cfg.data.dataset}")
+        meta = Path(cfg.data.root) / ("shapes_meta.json" if cfg.data.dataset == "shapes" else "shapes_video_meta.json")
+        scorer = OracleScorer(GroundTruth(meta, train.item_ids, train.text_to_visual))
+        cache = None  # cheap, and never to be mixed with a teacher's scores
+    elif mode != "none":
         teacher, _, teacher_tok = stages.load_trained(teacher_dir, "teacher")
         if teacher_tok.vocab_size != tok.vocab_size:
             raise RuntimeError(f"the teacher in {teacher_dir} uses another tokenizer than {stages.tokenizer_path(cfg)}")
         teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
+        teacher_directions = teacher.config.directions
         scorer = TeacherPairScorer(
             teacher.to(acc.device),
             teacher_hash,
@@ -68,11 +98,25 @@ def main(argv=None) -> None:
             dataset_hash=split_hash(train),
             n_items=train.n_items,
         )
+    if mode != "none":
         miner = None
-        if mode == "listwise":
+        if mode in ("listwise", "group"):
             miner = CandidateMiner(train, load_visual, tok, cfg.data.max_length, cfg.loss.listwise_k)
             checkpoint_objects.append(miner)
-        batcher = DistillBatcher(mode, scorer, cache, miner, cfg.loss.mine_every, cfg.loss.inbatch_rows)
+        if mode == "group":
+            composer = GroupComposer(
+                train, dataset, miner, cfg.loss.group_size, cfg.seed, acc.process_index, student=student
+            )
+        batcher = DistillBatcher(
+            mode,
+            scorer,
+            cache,
+            miner,
+            cfg.loss.mine_every,
+            cfg.loss.inbatch_rows,
+            composer=composer,
+            mine_start=cfg.loss.mine_start,
+        )
 
     objective = DistillObjective(
         student,
@@ -81,6 +125,10 @@ def main(argv=None) -> None:
         teacher_temperature=cfg.loss.teacher_temperature,
         student_temperature=cfg.loss.student_temperature,
         fresh_positive=cfg.loss.listwise_fresh_positive,
+        teacher_norm=cfg.loss.teacher_norm,
+        teacher_directions=teacher_directions,
+        denoise_margin=cfg.loss.denoise_margin,
+        margin_mse_weight=cfg.loss.margin_mse_weight,
     )
 
     def validate(obj):
@@ -92,7 +140,7 @@ def main(argv=None) -> None:
     acc.wait_for_everyone()
     trainer = Trainer(
         objective,
-        PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error),
+        dataset,
         collate_fn=collate,
         out_dir=out,
         cfg=train_cfg,
@@ -108,9 +156,12 @@ def main(argv=None) -> None:
     if mode == "listwise" and batcher.miner.item_emb is None:  # a fresh run: mine with the initial student
         batcher.miner.refresh(trainer.unwrapped().model)
     state = trainer.train()
+    if composer is not None and composer.skipped:
+        acc.print(f"neighbour samples skipped (data.on_error=skip): {composer.skipped}")
     acc.print(
         f"student saved to {out} after {state.step} steps; teacher pairs scored this run: "
-        f"{batcher.pairs_scored}; last val: {state.history[-1] if state.history else '-'}"
+        f"{batcher.pairs_scored}; cache hits: {batcher.cache_hits}; "
+        f"last val: {state.history[-1] if state.history else '-'}"
     )
 
 

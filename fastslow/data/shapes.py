@@ -1230,3 +1230,39 @@ def generate_shapes_video(
         "disk_bytes": disk,
         "seconds": {"specs": round(t_specs, 3), "features": round(t_feats, 3), "total": round(total, 3)},
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ground truth for a loaded split (benchmarks: the oracle teacher, false negatives among mined candidates)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class GroundTruth:
+    """Which caption of a loaded shapes split is true of which item, from the generator's meta file.
+
+    Args:
+        meta_file: ``shapes_meta.json`` or ``shapes_video_meta.json`` written beside the data.
+        item_ids: the split's item ids (Karpathy filenames or VATEX videoIDs), in the split's order.
+        text_to_visual: the split's caption -> item map; an item's captions are the first ones of its meta
+            entry, in order (as the readers load them, ``max_captions`` included).
+    """
+
+    def __init__(self, meta_file: str | Path, item_ids: Sequence[str], text_to_visual: Sequence[int]):
+        meta = json.loads(Path(meta_file).read_text())
+        self.video = meta["dataset"] == "shapes_video"
+        entries = {e["videoID" if self.video else "filename"]: e for e in meta["videos" if self.video else "images"]}
+        missing = [i for i in item_ids if i not in entries]
+        if missing:
+            raise KeyError(f"{meta_file}: no entry for items {missing[:3]}; was the data regenerated since loading?")
+        self.scenes = [entries[i]["video" if self.video else "scene"] for i in item_ids]
+        seen: dict[int, int] = {}
+        self.specs = []
+        for item in text_to_visual:
+            k = seen.get(item, 0)
+            seen[item] = k + 1
+            self.specs.append(entries[item_ids[item]]["captions"][k]["spec"])
+
+    def fits(self, text_idx: Sequence[int], item_idx: Sequence[int]) -> np.ndarray:
+        """[P] bool: caption text_idx[p] is true of item item_idx[p]."""
+        check = video_caption_fits if self.video else caption_fits
+        return np.array([check(self.specs[t], self.scenes[i]) for t, i in zip(text_idx, item_idx)], dtype=bool)
