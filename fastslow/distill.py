@@ -33,7 +33,7 @@ from torch import nn
 from fastslow.data import RetrievalSplit
 from fastslow.evaluation import encode_items_student, encode_texts_student, iter_items, visual_args
 from fastslow.losses import TEACHER_NORMS, ClipLoss, DistillLoss, teacher_logits, teacher_matches
-from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_negatives
+from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_negatives, swap_words
 from fastslow.score_cache import TeacherScoreCache
 from fastslow.tokenizer import TextTokenizer
 
@@ -116,6 +116,20 @@ class TeacherPairScorer:
             )
         return out
 
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """Teacher scores of aligned (token ids, item) pairs for texts that are not in the split (e.g. captions with
+        two words swapped): [P, L] ids, [P] items -> [P] float32 (CPU)."""
+        item_idx = torch.as_tensor(item_idx).long()
+        out = torch.empty(len(item_idx), dtype=torch.float32)
+        for s in range(0, len(item_idx), self.chunk):
+            i = item_idx[s : s + self.chunk]
+            visual = self.store[i.numpy()].to(device=self.device)
+            ids = input_ids[s : s + self.chunk].to(self.device)
+            mask = attention_mask[s : s + self.chunk].to(self.device)
+            out[s : s + len(i)] = self.teacher.score_pairs(visual, ids, mask).float().cpu()
+        return out
 
     @torch.no_grad()
     def block(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
@@ -240,6 +254,8 @@ class DistillObjective(nn.Module):
         margin_mse_weight: weight of margin-MSE (Hofstätter et al. 2020) on (positive - candidate) margins of
             the ``inbatch_*`` candidates: student margins in its scaled logits, teacher margins in normalised
             logits / τ_T. 0 = off.
+        swap_weight: weight of the KL over each item's caption and its word-swapped copies (``swap_*`` keys
+            attached by `DistillBatcher` with ``swaps > 0``): the teacher's p(text | item) over the texts.
     """
 
     def __init__(
@@ -255,6 +271,7 @@ class DistillObjective(nn.Module):
         teacher_directions: int = 2,
         denoise_margin: float | None = None,
         margin_mse_weight: float = 0.0,
+        swap_weight: float = 1.0,
     ):
         super().__init__()
         if teacher_norm not in TEACHER_NORMS:
@@ -267,7 +284,7 @@ class DistillObjective(nn.Module):
         self.contrastive_weight, self.distill_weight = contrastive_weight, distill_weight
         self.teacher_norm, self.teacher_directions = teacher_norm, teacher_directions
         self.teacher_temperature, self.student_temperature = teacher_temperature, student_temperature
-        self.denoise_margin, self.margin_mse_weight = denoise_margin, margin_mse_weight
+        self.denoise_margin, self.margin_mse_weight, self.swap_weight = denoise_margin, margin_mse_weight, swap_weight
         self.clip = ClipLoss()
         self.kl = DistillLoss(teacher_temperature, student_temperature)
 
@@ -308,6 +325,17 @@ class DistillObjective(nn.Module):
             loss = loss + self.distill_weight * out["inbatch_distill_loss"]
         if "margin_mse_loss" in out:
             loss = loss + self.margin_mse_weight * out["margin_mse_loss"]
+        if "swap_teacher" in batch:
+            b, n, width = batch["swap_ids"].shape
+            swap_mask = batch["attention_mask"][:b, None, :width].expand(b, n, width).reshape(b * n, width)
+            t_swap = self.model.encode_text(batch["swap_ids"].reshape(b * n, width), swap_mask).view(b, n, -1)
+            t_own, v_own = t[:b], v[:b]  # the first b rows carry swaps (`DistillBatcher` swap_rows)
+            s = torch.cat([(t_own * v_own).sum(-1, keepdim=True), torch.einsum("bne,be->bn", t_swap, v_own)], dim=1)
+            mask = batch["swap_mask"].bool()
+            logits_t = self._logits(batch["swap_teacher"], mask, n_tokens[:b])
+            d = self.kl(s, logits_t, mask, student_logit_scale=scale)
+            out["swap_distill_loss"] = d["distill_loss"]
+            loss = loss + self.swap_weight * d["distill_loss"]
         if "listwise_teacher" in batch:
             bank = batch["listwise_emb"].to(t.dtype)  # [B, K+1, E], no gradient (memory bank)
             # the positive is fresh and differentiable unless fresh_positive=False
@@ -457,6 +485,11 @@ class DistillBatcher:
         composer: group mode: the `GroupComposer` that appends each anchor's mined neighbours.
         mine_start: first step at which the miner refreshes (before it, group mode draws random neighbours);
             a warm student mines better candidates than a random one.
+        swaps: per caption, this many copies with two words swapped (`fastslow.mining.swap_words`), scored by
+            the teacher against the caption's own item (``swap_*`` keys); 0 = off. Any mode but "none".
+        swap_rows: only the first this-many captions of a batch get swaps (each swap is one more text through
+            the student's text tower, its largest cost); None: every caption.
+        seed, rank: make the swap draws deterministic per step and distinct per process.
     """
 
     def __init__(
@@ -469,6 +502,10 @@ class DistillBatcher:
         inbatch_rows: int | None = None,
         composer: GroupComposer | None = None,
         mine_start: int = 0,
+        swaps: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        swap_rows: int | None = None,
     ):
         if mode not in DISTILL_MODES:
             raise ValueError(f"loss.distill={mode!r} is not one of {', '.join(DISTILL_MODES)}")
@@ -476,6 +513,9 @@ class DistillBatcher:
             raise ValueError("loss.distill=group needs a GroupComposer")
         self.mode, self.scorer, self.cache, self.miner, self.mine_every = mode, scorer, cache, miner, mine_every
         self.inbatch_rows, self.composer, self.mine_start = inbatch_rows, composer, mine_start
+        self.swaps, self.seed, self.rank, self.swap_rows = swaps, seed, rank, swap_rows
+        if swaps and not hasattr(scorer, "score_ids"):
+            raise ValueError(f"loss.swaps={swaps} needs a teacher that scores any text; {type(scorer).__name__} cannot")
         self.pairs_scored = 0  # teacher calls actually made (cache misses)
         self.pairs_looked_up = 0  # pairs whose teacher score was needed (hits + misses)
 
@@ -538,7 +578,30 @@ class DistillBatcher:
             scores[mask] = self._teacher(rows[mask], safe[mask])
             batch["listwise_teacher"], batch["listwise_mask"] = scores.to(device), mask.to(device)
             batch["listwise_emb"] = self.miner.item_emb[safe].to(device)
+        if self.swaps:
+            self._attach_swaps(batch, step)
         return batch
+
+    def _attach_swaps(self, batch: dict, step: int) -> None:
+        """``swap_ids`` [B, n, L], ``swap_teacher`` [B, n+1] (column 0: the caption itself) and ``swap_mask``."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + self.rank + 7)
+        r = len(batch["text_index"]) if self.swap_rows is None else min(self.swap_rows, len(batch["text_index"]))
+        ids, mask = batch["input_ids"][:r].cpu(), batch["attention_mask"][:r].cpu()
+        text, item = batch["text_index"][:r].cpu(), batch["item_index"][:r].cpu()
+        swapped, valid = swap_words(ids, mask, self.swaps, g)
+        b, n, width = swapped.shape
+        scores = torch.zeros(b, n + 1)
+        scores[:, 0] = self._teacher(text, item)  # the caption itself: cached like every split pair
+        rows = valid.nonzero(as_tuple=True)
+        if len(rows[0]):
+            flat_mask = mask[:, None, :].expand(b, n, width)[rows]
+            scores[:, 1:][rows] = self.scorer.score_ids(swapped[rows], flat_mask, item[rows[0]])
+            self.pairs_scored += len(rows[0])
+            self.pairs_looked_up += len(rows[0])
+        device = batch["input_ids"].device
+        batch["swap_ids"] = swapped.to(device)
+        batch["swap_teacher"] = scores.to(device)
+        batch["swap_mask"] = torch.cat([torch.ones(b, 1, dtype=torch.bool), valid], dim=1).to(device)
 
     def on_step_end(self, trainer) -> None:
         step = trainer.state.step

@@ -20,7 +20,7 @@ import torch
 
 from fastslow.index import build_index, search
 
-__all__ = ["mine_hard_negatives", "listwise_candidates", "inbatch_candidates"]
+__all__ = ["mine_hard_negatives", "listwise_candidates", "inbatch_candidates", "swap_words"]
 
 Positives = torch.Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
 
@@ -176,3 +176,43 @@ def inbatch_candidates(item_index: torch.Tensor) -> torch.Tensor:
     is_first = first == cols
     diagonal = cols[:, None] == cols[None, :]
     return diagonal | (is_first[None, :] & ~same)
+
+
+def swap_words(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` copies of each caption with two of its tokens swapped: compositional negatives for the text side.
+
+    A dual encoder trained on random scenes never meets two items that differ only in which attribute goes with
+    which object, or in the order of a relation ("a red circle left of a blue square" / "a blue circle left of a
+    red square"), so nothing in InfoNCE asks it to tell them apart. Swapping two words of a caption makes such
+    contrasts for free (NegCLIP, Yuksekgonul et al. 2023, builds its hard negatives the same way); unlike
+    NegCLIP's one-hot labels, the teacher scores every swap against the item, so a swap that is still true ("a
+    circle and a square" -> "a square and a circle") is not pushed away.
+
+    Args:
+        input_ids: [B, L] rows ``BOS w1 .. wn EOS PAD ..``.
+        attention_mask: [B, L].
+        n: swaps per caption.
+        generator: for reproducible draws.
+
+    Returns:
+        ids [B, n, L] (same mask as the caption) and valid [B, n] bool: False where the caption has fewer than two
+        distinct tokens to swap, or the swap repeats an earlier one of the same row.
+    """
+    b, _ = input_ids.shape
+    words = (attention_mask.long().sum(1) - 2).clamp(min=0).cpu()  # tokens between BOS and EOS
+    w = words[:, None].expand(b, n).float()
+    first = (torch.rand(b, n, generator=generator) * w).long() + 1
+    second = (torch.rand(b, n, generator=generator) * (w - 1).clamp(min=0)).long() + 1
+    second = second + (second >= first).long()  # a position other than `first`
+    first, second = first.clamp(max=input_ids.shape[1] - 1), second.clamp(max=input_ids.shape[1] - 1)
+    ids = input_ids.cpu()[:, None, :].repeat(1, n, 1)
+    a, c = ids.gather(2, first[..., None]), ids.gather(2, second[..., None])
+    ids.scatter_(2, first[..., None], c)
+    ids.scatter_(2, second[..., None], a)
+    valid = (words[:, None] >= 2) & (a != c).squeeze(-1)
+    same = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1)  # [B, n, n]
+    earlier = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)
+    valid &= ~(same & earlier & valid[:, None, :]).any(-1)
+    return ids.to(input_ids.device), valid.to(input_ids.device)

@@ -543,3 +543,32 @@ def test_oracle_scores_each_caption_true_of_its_own_item_and_not_of_most_others(
     # Partial captions fit other scenes too, full ones mostly do not: some but not all off-diagonal pairs fit.
     fits_other = (block == 0).sum().item() - train.n_texts
     assert 0 < fits_other < train.n_texts * (train.n_items - 1) / 2
+
+
+def test_swap_negatives_are_scored_by_the_teacher_against_the_captions_own_item(data, scorer, student):
+    batch = make_batch(data)
+    batcher = DistillBatcher("inbatch", scorer, None, inbatch_rows=0, swaps=3, seed=0, swap_rows=5)
+    out = batcher(batch, step=5)
+    b = 5  # rows with swaps: the first 5 of the batch
+    assert out["swap_ids"].shape[:2] == (b, 3) and out["swap_teacher"].shape == out["swap_mask"].shape == (b, 4)
+    assert out["swap_mask"][:, 0].all()  # the caption itself always counts
+    own = scorer(out["text_index"][:b], out["item_index"][:b])
+    torch.testing.assert_close(out["swap_teacher"][:, 0], own, atol=1e-4, rtol=0)
+    r, p = out["swap_mask"][:, 1:].nonzero(as_tuple=True)
+    width = out["swap_ids"].shape[2]
+    want = scorer.score_ids(out["swap_ids"][r, p], out["attention_mask"][r, :width], out["item_index"][r])
+    torch.testing.assert_close(out["swap_teacher"][:, 1:][r, p], want)
+    # The objective's term: zero when the teacher's scores are the student's own scaled ones, positive otherwise.
+    student.eval()
+    objective = DistillObjective(student, teacher_norm="length", student_temperature=0.1)
+    with torch.no_grad():
+        v = student.encode_visual(out["pixels"])
+        t = student.encode_text(out["input_ids"], out["attention_mask"])
+        swap_mask = out["attention_mask"][:b].repeat_interleave(3, 0)
+        ts = student.encode_text(out["swap_ids"].reshape(b * 3, width), swap_mask)
+        t, v = t[:b], v[:b]
+        s = torch.cat([(t * v).sum(-1, keepdim=True), torch.einsum("bne,be->bn", ts.view(b, 3, -1), v)], dim=1)
+    out["swap_teacher"] = s / 0.1
+    assert objective(dict(out))["swap_distill_loss"].abs() < 1e-5
+    out["swap_teacher"] = -s / 0.1
+    assert objective(dict(out))["swap_distill_loss"] > 1e-3

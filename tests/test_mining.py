@@ -148,3 +148,28 @@ def test_inbatch_properties_on_random_batch():
     for i in range(40):  # one kept column per distinct item in every row
         assert sorted(item_index[mask[i]].tolist()) == sorted(set(item_index.tolist()))
     assert inbatch_candidates(torch.arange(4)).all()  # no duplicates: every column is a candidate
+
+
+# ---------------------------------------------------------------- swapped-word negatives
+
+
+def test_swap_words_swaps_two_real_tokens_and_flags_what_cannot_be_swapped():
+    from fastslow.mining import swap_words
+
+    # BOS=2, EOS=3, PAD=0. Row 0: five words; row 1: one word (nothing to swap); row 2: two equal words.
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 3, 0], [2, 10, 3, 0, 0, 0, 0, 0], [2, 15, 15, 3, 0, 0, 0, 0]])
+    mask = (torch.arange(8)[None] < torch.tensor([7, 3, 4])[:, None]).long()
+    out, valid = swap_words(ids, mask, 6, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 6, 8) and valid.shape == (3, 6)
+    assert not valid[1].any() and not valid[2].any()
+    for p in range(6):
+        row = out[0, p]
+        assert row[0] == 2 and row[6] == 3 and row[7] == 0  # BOS, EOS and padding stay
+        changed = (row != ids[0]).nonzero().flatten().tolist()
+        if valid[0, p]:
+            assert len(changed) == 2 and row[changed[0]] == ids[0, changed[1]] and row[changed[1]] == ids[0, changed[0]]
+        assert sorted(row[1:6].tolist()) == [10, 11, 12, 13, 14]  # a permutation of the same words
+    kept = [tuple(out[0, p].tolist()) for p in range(6) if valid[0, p]]
+    assert len(kept) == len(set(kept)) >= 4  # repeats are flagged, not kept twice
+    again, _ = swap_words(ids, mask, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)

@@ -116,6 +116,10 @@ def main(argv=None) -> None:
             cfg.loss.inbatch_rows,
             composer=composer,
             mine_start=cfg.loss.mine_start,
+            swaps=cfg.loss.swaps,
+            swap_rows=cfg.loss.swap_rows,
+            seed=cfg.seed,
+            rank=acc.process_index,
         )
 
     objective = DistillObjective(
@@ -129,6 +133,7 @@ def main(argv=None) -> None:
         teacher_directions=teacher_directions,
         denoise_margin=cfg.loss.denoise_margin,
         margin_mse_weight=cfg.loss.margin_mse_weight,
+        swap_weight=cfg.loss.swap_weight,
     )
 
     def validate(obj):
