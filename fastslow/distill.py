@@ -489,6 +489,8 @@ class DistillBatcher:
             the teacher against the caption's own item (``swap_*`` keys); 0 = off. Any mode but "none".
         swap_rows: only the first this-many captions of a batch get swaps (each swap is one more text through
             the student's text tower, its largest cost); None: every caption.
+        swappable: [V, V] bool, the token pairs that may be swapped (`fastslow.mining.swappable_tokens`: words
+            of one role, e.g. two colours); None: any two tokens.
         seed, rank: make the swap draws deterministic per step and distinct per process.
     """
 
@@ -506,6 +508,7 @@ class DistillBatcher:
         seed: int = 0,
         rank: int = 0,
         swap_rows: int | None = None,
+        swappable: torch.Tensor | None = None,
     ):
         if mode not in DISTILL_MODES:
             raise ValueError(f"loss.distill={mode!r} is not one of {', '.join(DISTILL_MODES)}")
@@ -513,7 +516,7 @@ class DistillBatcher:
             raise ValueError("loss.distill=group needs a GroupComposer")
         self.mode, self.scorer, self.cache, self.miner, self.mine_every = mode, scorer, cache, miner, mine_every
         self.inbatch_rows, self.composer, self.mine_start = inbatch_rows, composer, mine_start
-        self.swaps, self.seed, self.rank, self.swap_rows = swaps, seed, rank, swap_rows
+        self.swaps, self.seed, self.rank, self.swap_rows, self.swappable = swaps, seed, rank, swap_rows, swappable
         if swaps and not hasattr(scorer, "score_ids"):
             raise ValueError(f"loss.swaps={swaps} needs a teacher that scores any text; {type(scorer).__name__} cannot")
         self.pairs_scored = 0  # teacher calls actually made (cache misses)
@@ -588,7 +591,7 @@ class DistillBatcher:
         r = len(batch["text_index"]) if self.swap_rows is None else min(self.swap_rows, len(batch["text_index"]))
         ids, mask = batch["input_ids"][:r].cpu(), batch["attention_mask"][:r].cpu()
         text, item = batch["text_index"][:r].cpu(), batch["item_index"][:r].cpu()
-        swapped, valid = swap_words(ids, mask, self.swaps, g)
+        swapped, valid = swap_words(ids, mask, self.swaps, g, self.swappable)
         b, n, width = swapped.shape
         scores = torch.zeros(b, n + 1)
         scores[:, 0] = self._teacher(text, item)  # the caption itself: cached like every split pair

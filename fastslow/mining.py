@@ -20,7 +20,7 @@ import torch
 
 from fastslow.index import build_index, search
 
-__all__ = ["mine_hard_negatives", "listwise_candidates", "inbatch_candidates", "swap_words"]
+__all__ = ["mine_hard_negatives", "listwise_candidates", "inbatch_candidates", "swap_words", "swappable_tokens"]
 
 Positives = torch.Tensor | np.ndarray | Sequence[int] | Sequence[Sequence[int]]
 
@@ -178,8 +178,55 @@ def inbatch_candidates(item_index: torch.Tensor) -> torch.Tensor:
     return diagonal | (is_first[None, :] & ~same)
 
 
+def swappable_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int, *, threshold: float = 0.6, top: int = 2000
+) -> torch.Tensor:
+    """Which token pairs play the same role in the captions (distributional classes), so swapping them keeps a
+    caption grammatical: [V, V] bool.
+
+    Two tokens are swappable when the histograms of their left and right neighbours over the captions are
+    similar (cosine >= ``threshold`` of the concatenated, L2-normalised histograms): colours share their
+    contexts ("a small _ circle"), shapes theirs, and so on. A swap of two colours is the binding contrast
+    retrieval needs; a swap of a colour with a shape only makes word salad, which a text encoder can learn to
+    reject without looking at the item. No part-of-speech tagger needed (NegCLIP uses one), any vocabulary.
+
+    Args:
+        input_ids, attention_mask: [N, L] the training captions (``BOS w1 .. wn EOS PAD``).
+        vocab_size: V.
+        threshold: cosine similarity of the context histograms above which two tokens are swappable.
+        top: only the ``top`` most frequent tokens can be swapped (bounds the [top, 2 V] histograms).
+
+    Returns:
+        [V, V] bool, symmetric, False on the diagonal.
+    """
+    ids = input_ids.long()
+    real = attention_mask.bool()
+    inner = real[:, 1:-1] & real[:, 2:]  # positions 1 .. L-2 with a real right neighbour (EOS counts as context)
+    centre, left, right = ids[:, 1:-1][inner], ids[:, :-2][inner], ids[:, 2:][inner]
+    counts = torch.bincount(centre, minlength=vocab_size)
+    keep = counts.argsort(descending=True)[: min(top, vocab_size)]
+    keep = keep[counts[keep] > 0]
+    slot = torch.full((vocab_size,), -1, dtype=torch.long)
+    slot[keep] = torch.arange(len(keep))
+    m = slot[centre] >= 0
+    hist = torch.zeros(len(keep), 2 * vocab_size)
+    hist.index_put_((slot[centre[m]], left[m]), torch.ones(int(m.sum())), accumulate=True)
+    hist.index_put_((slot[centre[m]], vocab_size + right[m]), torch.ones(int(m.sum())), accumulate=True)
+    left_h = torch.nn.functional.normalize(hist[:, :vocab_size], dim=1)
+    right_h = torch.nn.functional.normalize(hist[:, vocab_size:], dim=1)
+    sim = (left_h @ left_h.T + right_h @ right_h.T) / 2
+    out = torch.zeros(vocab_size, vocab_size, dtype=torch.bool)
+    out[keep[:, None], keep[None, :]] = sim >= threshold
+    out.fill_diagonal_(False)
+    return out
+
+
 def swap_words(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, generator: torch.Generator | None = None
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n: int,
+    generator: torch.Generator | None = None,
+    swappable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` copies of each caption with two of its tokens swapped: compositional negatives for the text side.
 
@@ -195,24 +242,33 @@ def swap_words(
         attention_mask: [B, L].
         n: swaps per caption.
         generator: for reproducible draws.
+        swappable: [V, V] bool (`swappable_tokens`): only pairs of tokens allowed here are swapped; None: any
+            two distinct tokens.
 
     Returns:
         ids [B, n, L] (same mask as the caption) and valid [B, n] bool: False where the caption has fewer than two
         distinct tokens to swap, or the swap repeats an earlier one of the same row.
     """
-    b, _ = input_ids.shape
-    words = (attention_mask.long().sum(1) - 2).clamp(min=0).cpu()  # tokens between BOS and EOS
-    w = words[:, None].expand(b, n).float()
-    first = (torch.rand(b, n, generator=generator) * w).long() + 1
-    second = (torch.rand(b, n, generator=generator) * (w - 1).clamp(min=0)).long() + 1
-    second = second + (second >= first).long()  # a position other than `first`
-    first, second = first.clamp(max=input_ids.shape[1] - 1), second.clamp(max=input_ids.shape[1] - 1)
+    b, width = input_ids.shape
+    tokens, length = input_ids.cpu().long(), attention_mask.long().sum(1).cpu()
+    pos = torch.arange(width)
+    inner = (pos[None] >= 1) & (pos[None] <= length[:, None] - 2)  # [B, L] word positions (not BOS / EOS)
+    pairs = inner[:, :, None] & inner[:, None, :] & (pos[:, None] < pos[None, :])  # [B, L, L] i < j
+    pairs &= tokens[:, :, None] != tokens[:, None, :]
+    if swappable is not None:
+        pairs &= swappable.cpu()[tokens[:, :, None], tokens[:, None, :]]
+    # n distinct allowed pairs per row, at random: random keys on the allowed pairs, the n largest.
+    keys = torch.rand(b, width * width, generator=generator).masked_fill(~pairs.view(b, -1), -1.0)
+    top = keys.topk(min(n, width * width), dim=1)
+    picked = torch.cat([top.indices, top.indices[:, :1].expand(b, max(0, n - top.indices.shape[1]))], dim=1)
+    ok = torch.cat([top.values >= 0, torch.zeros(b, max(0, n - top.values.shape[1]), dtype=torch.bool)], dim=1)
+    first, second = picked // width, picked % width
     ids = input_ids.cpu()[:, None, :].repeat(1, n, 1)
     a, c = ids.gather(2, first[..., None]), ids.gather(2, second[..., None])
     ids.scatter_(2, first[..., None], c)
     ids.scatter_(2, second[..., None], a)
-    valid = (words[:, None] >= 2) & (a != c).squeeze(-1)
-    same = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1)  # [B, n, n]
+    valid = ok & (a != c).squeeze(-1)
+    same = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1)  # [B, n, n]: two swaps giving one caption
     earlier = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)
     valid &= ~(same & earlier & valid[:, None, :]).any(-1)
     return ids.to(input_ids.device), valid.to(input_ids.device)

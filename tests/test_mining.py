@@ -173,3 +173,33 @@ def test_swap_words_swaps_two_real_tokens_and_flags_what_cannot_be_swapped():
     assert len(kept) == len(set(kept)) >= 4  # repeats are flagged, not kept twice
     again, _ = swap_words(ids, mask, 6, torch.Generator().manual_seed(0))
     assert torch.equal(again, out)
+
+
+def test_swappable_tokens_groups_words_by_role_and_swaps_stay_within_a_role():
+    from fastslow.mining import swap_words, swappable_tokens
+
+    # ids: 2 BOS, 3 EOS, 0 PAD; colours 10-12, shapes 20-22, "left"/"right" 30/31, "of" 32, "a" 40.
+    colours, shapes = (10, 11, 12), (20, 21, 22)
+    rows = []
+    for i, c in enumerate(colours):
+        for j, s in enumerate(shapes):
+            c2, s2 = colours[(i + 1) % 3], shapes[(j + 2) % 3]
+            rel = 30 + (i + j) % 2
+            rows.append([2, 40, c, s, rel, 32, 40, c2, s2, 3])
+    ids = torch.tensor(rows)
+    mask = torch.ones_like(ids)
+    sw = swappable_tokens(ids, mask, 50, threshold=0.6)
+    assert torch.equal(sw, sw.T) and not sw.diagonal().any()
+    assert sw[10, 11] and sw[11, 12] and sw[20, 22] and sw[30, 31]
+    assert not sw[10, 20] and not sw[20, 30] and not sw[40, 10] and not sw[32, 40]
+    out, valid = swap_words(ids, mask, 4, torch.Generator().manual_seed(0), sw)
+    assert valid.any()
+    for r, p in valid.nonzero().tolist():
+        changed = (out[r, p] != ids[r]).nonzero().flatten().tolist()
+        a, b = ids[r, changed[0]].item(), ids[r, changed[1]].item()
+        assert sw[a, b], (a, b)  # every swap exchanges two words of one role
+    # Without a role table, some swap mixes roles (e.g. a colour with "of").
+    out, valid = swap_words(ids, mask, 8, torch.Generator().manual_seed(0))
+    mixed = [(ids[r, c[0]].item(), ids[r, c[1]].item()) for r, p in valid.nonzero().tolist()
+             for c in [(out[r, p] != ids[r]).nonzero().flatten().tolist()]]  # fmt: skip
+    assert any(not sw[a, b] for a, b in mixed)

@@ -107,6 +107,13 @@ def main(argv=None) -> None:
             composer = GroupComposer(
                 train, dataset, miner, cfg.loss.group_size, cfg.seed, acc.process_index, student=student
             )
+        swappable = None
+        if cfg.loss.swaps and cfg.loss.swap_similarity is not None:
+            from fastslow.mining import swappable_tokens
+
+            swappable = swappable_tokens(
+                dataset.input_ids, dataset.attention_mask, tok.vocab_size, threshold=cfg.loss.swap_similarity
+            )
         batcher = DistillBatcher(
             mode,
             scorer,
@@ -118,6 +125,7 @@ def main(argv=None) -> None:
             mine_start=cfg.loss.mine_start,
             swaps=cfg.loss.swaps,
             swap_rows=cfg.loss.swap_rows,
+            swappable=swappable,
             seed=cfg.seed,
             rank=acc.process_index,
         )
