@@ -117,6 +117,13 @@ def main() -> None:
     todo = [(c, s) for s in seeds for c in configs]
     running: list[tuple[str, int, Path, subprocess.Popen]] = []
     runs = []
+    out = base / "bench" / "distillation.json"
+
+    def write() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"teacher": teacher_metrics, "runs": runs}, indent=1))
+        os.replace(tmp, out)
 
     def reap(entry) -> None:
         config, seed, d, proc = entry
@@ -134,6 +141,7 @@ def main() -> None:
             "cache_hits": hits or 0, "overrides": CONFIGS[config],
         })  # fmt: skip
         print(f"  {config} seed {seed}: t2v R@1 {m['t2v_R@1']:.1f} ({secs:.0f} s)", flush=True)
+        write()  # after every run: an interrupted benchmark keeps what it measured
 
     print(f"teacher: t2v R@1 {teacher_metrics['t2v_R@1']:.1f}; {len(todo)} student runs, {jobs} at a time", flush=True)
     while todo or running:
@@ -149,8 +157,7 @@ def main() -> None:
         running.remove(done)
         reap(done)
 
-    out = base / "bench" / "distillation.json"
-    out.write_text(json.dumps({"teacher": teacher_metrics, "runs": runs}, indent=1))
+    write()
     print_table(cfg, test, teacher_metrics, runs, configs, seeds)
     print(f"\nwritten: {out}")
 

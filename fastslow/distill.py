@@ -37,7 +37,7 @@ from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_n
 from fastslow.score_cache import TeacherScoreCache
 from fastslow.tokenizer import TextTokenizer
 
-DISTILL_MODES = ("none", "inbatch", "listwise", "group")
+DISTILL_MODES = ("none", "inbatch", "listwise", "group", "swap")
 
 
 def split_hash(split: RetrievalSplit) -> str:
@@ -475,7 +475,8 @@ class DistillBatcher:
     candidates (its `on_step_end`).
 
     Args:
-        mode: "none" | "inbatch" | "listwise" | "group".
+        mode: "none" | "inbatch" | "listwise" | "group" | "swap" (random batches; the only teacher targets are
+            those over each caption's swapped copies).
         scorer: the teacher pair scorer (None when mode is "none").
         cache: teacher-score cache for this candidate source (None: score online every time).
         miner: the candidate miner (listwise and group).
@@ -514,6 +515,8 @@ class DistillBatcher:
             raise ValueError(f"loss.distill={mode!r} is not one of {', '.join(DISTILL_MODES)}")
         if mode == "group" and composer is None:
             raise ValueError("loss.distill=group needs a GroupComposer")
+        if mode == "swap" and swaps < 1:
+            raise ValueError("loss.distill=swap distils over swapped-word captions: set loss.swaps >= 1")
         self.mode, self.scorer, self.cache, self.miner, self.mine_every = mode, scorer, cache, miner, mine_every
         self.inbatch_rows, self.composer, self.mine_start = inbatch_rows, composer, mine_start
         self.swaps, self.seed, self.rank, self.swap_rows, self.swappable = swaps, seed, rank, swap_rows, swappable
@@ -566,6 +569,8 @@ class DistillBatcher:
             scores = torch.zeros(mask.shape)
             scores[i, j] = self._teacher(text[i], item[j])  # B x group_size pairs, cached across steps and runs
             batch["inbatch_teacher"], batch["inbatch_mask"] = scores.to(device), mask.to(device)
+        elif self.mode == "swap":
+            pass  # no item-side candidates: the swap targets below are the whole distillation signal
         elif self.mode == "inbatch":
             mask = inbatch_candidates(item)
             r = len(text) if self.inbatch_rows is None else min(self.inbatch_rows, len(text))
