@@ -104,18 +104,8 @@ class TeacherPairScorer:
     @torch.no_grad()
     def __call__(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """Teacher scores of aligned pairs: text_idx [P], item_idx [P] -> [P] float32 (CPU)."""
-        text_idx, item_idx = torch.as_tensor(text_idx).long(), torch.as_tensor(item_idx).long()
-        out = torch.empty(len(text_idx), dtype=torch.float32)
-        for s in range(0, len(text_idx), self.chunk):
-            t, i = text_idx[s : s + self.chunk], item_idx[s : s + self.chunk]
-            visual = self.store[i.numpy()].to(device=self.device)
-            out[s : s + len(t)] = (
-                self.teacher.score_pairs(visual, self.ids[t].to(self.device), self.mask[t].to(self.device))
-                .float()
-                .cpu()
-            )
-        return out
-
+        text_idx = torch.as_tensor(text_idx).long()
+        return self.score_ids(self.ids[text_idx], self.mask[text_idx], item_idx)
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
@@ -350,6 +340,11 @@ class DistillObjective(nn.Module):
         return out
 
 
+def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    """A generator for one step's draws, the same on a resumed run, distinct per process and per use."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + rank) * 17 + stream)
+
+
 def group_mask(group: torch.Tensor, item_index: torch.Tensor) -> torch.Tensor:
     """[B, B] candidates of each row in a grouped batch: the items of its own group, each item once.
 
@@ -418,7 +413,7 @@ class GroupComposer:
 
     def neighbours(self, anchor_text: torch.Tensor, step: int, pool: torch.Tensor) -> torch.Tensor:
         """[A * (group_size - 1)] text indices: for each anchor in order, captions of neighbours from ``pool``."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + self.rank)
+        g = step_generator(self.seed, step, self.rank, stream=0)
         n, a = self.group_size - 1, len(anchor_text)
         positive = self.text_to_visual[anchor_text]
         # A random order of each row's valid entries (padding last), then the first n of it.
@@ -450,8 +445,7 @@ class GroupComposer:
         if extra.get("empty", False):
             return batch, group
         extra_group = torch.tensor(loaded, dtype=torch.long) // n
-        device = batch["input_ids"].device
-        merged = concat_batches(batch, {k: v.to(device) if torch.is_tensor(v) else v for k, v in extra.items()})
+        merged = concat_batches(batch, extra)  # moves `extra` to the batch's device
         return merged, torch.cat([group, extra_group])
 
 
@@ -592,7 +586,7 @@ class DistillBatcher:
 
     def _attach_swaps(self, batch: dict, step: int) -> None:
         """``swap_ids`` [B, n, L], ``swap_teacher`` [B, n+1] (column 0: the caption itself) and ``swap_mask``."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + self.rank + 7)
+        g = step_generator(self.seed, step, self.rank, stream=1)
         r = len(batch["text_index"]) if self.swap_rows is None else min(self.swap_rows, len(batch["text_index"]))
         ids, mask = batch["input_ids"][:r].cpu(), batch["attention_mask"][:r].cpu()
         text, item = batch["text_index"][:r].cpu(), batch["item_index"][:r].cpu()
