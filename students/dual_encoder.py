@@ -8,7 +8,7 @@ Towers:
     * image: a timm backbone (`num_classes=0`, global pooling) + a linear projection to E.
     * video: precomputed clip features [B, T, D] -> linear input projection, learned temporal position
       embedding, a pre-norm transformer encoder with a key-padding mask, masked mean pooling (or a CLS
-      token), projection to E.
+      token), projection to E; optionally each frame also carries its difference to the previous frame.
     * text: a `transformers` encoder (a BertModel built from a BertConfig, or any AutoModel loaded from a
       local directory) -> masked mean pooling (or first-token pooling) -> projection to E.
 
@@ -58,6 +58,7 @@ class DualEncoderConfig:
     video_depth: int = 2  # transformer layers of the temporal encoder
     video_heads: int = 4  # attention heads of the temporal encoder
     video_pool: str = "mean"  # "mean": mean over real frames; "cls": output of a learned token prepended to T
+    video_frame_diff: bool = False  # also feed x_t - x_{t-1} (motion) beside each frame's features x_t
     # Text tower
     vocab_size: int = 30522  # token ids are < vocab_size (the tokenizer's vocab_size)
     max_length: int = 32  # longest tokenised text (BOS .. EOS), size of the position table
@@ -133,7 +134,12 @@ class VideoTower(nn.Module):
         width = cfg.video_width
         # No LayerNorm on the raw features: it would erase each frame's overall activation level (a per-frame
         # mean / scale), which carries information; the pre-norm blocks normalise what they read anyway.
-        self.input_proj = nn.Linear(cfg.feature_dim, width)
+        # Frame differences: per-frame features say where things are, not where they go. Direction and order
+        # of motion are then a difference the encoder would first have to learn to take (a 2-layer student
+        # does not in 1,000 steps on shapes_video); given x_t - x_{t-1}, motion is one linear read-out away
+        # (temporal-difference inputs, as in TSN's RGB-diff / TDN). Still one vector per clip, offline.
+        self.frame_diff = cfg.video_frame_diff
+        self.input_proj = nn.Linear(cfg.feature_dim * (2 if self.frame_diff else 1), width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if cfg.video_pool == "cls" else None
         num_pos = cfg.max_frames + (1 if self.cls_token is not None else 0)
         self.pos_embed = nn.Parameter(torch.randn(1, num_pos, width) * 0.02)
@@ -173,6 +179,11 @@ class VideoTower(nn.Module):
         first[:, 0] = True
         mask = mask | (first & ~mask.any(dim=1, keepdim=True))
 
+        if self.frame_diff:
+            # Zero where there is no previous real frame (t = 0) and on padding, so padded frames stay inert.
+            prev = torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], dim=1)
+            has_prev = torch.cat([mask.new_zeros(batch, 1), mask[:, :-1]], dim=1) & mask
+            features = torch.cat([features, (features - prev) * has_prev.unsqueeze(-1).to(features.dtype)], dim=-1)
         x = self.input_proj(features)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1)

@@ -90,10 +90,12 @@ def test_logit_scale_is_clamped_at_100():
     assert "logit_scale" in model.no_weight_decay()
 
 
-@pytest.mark.parametrize("pool", ["mean", "cls"])
-def test_padding_frames_do_not_change_video_embedding(pool):
+@pytest.mark.parametrize("pool,diff", [("mean", False), ("cls", False), ("mean", True)])
+def test_padding_frames_do_not_change_video_embedding(pool, diff):
     torch.manual_seed(0)
-    model = create_student("dual_encoder_tiny", modality="video", video_pool=pool, video_depth=2).eval()
+    model = create_student(
+        "dual_encoder_tiny", modality="video", video_pool=pool, video_depth=2, video_frame_diff=diff
+    ).eval()
     g = torch.Generator().manual_seed(1)
     lengths = [10, 4, 7]
     features = torch.randn(3, 10, model.config.feature_dim, generator=g)
@@ -228,3 +230,23 @@ def test_flatten_pooling_keeps_the_layout():
     assert emb.shape == (2, 32)
     emb.sum().backward()
     assert tower.proj.weight.grad is not None and tower.proj.weight.grad.abs().sum() > 0
+
+
+def test_frame_diff_input_is_the_motion_between_real_frames():
+    """video_frame_diff: the input projection reads [x_t, x_t - x_{t-1}], zero at t=0 and on padding."""
+    torch.manual_seed(0)
+    model = create_student("dual_encoder_tiny", modality="video", video_frame_diff=True).eval()
+    d = model.config.feature_dim
+    seen = {}
+    model.visual.input_proj.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    features = torch.randn(2, 5, d)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        model.encode_video(features, mask)
+    x = seen["x"]
+    assert x.shape == (2, 5, 2 * d)
+    torch.testing.assert_close(x[..., :d], features)
+    expected = features[:, 1:] - features[:, :-1]
+    torch.testing.assert_close(x[0, 1:, d:], expected[0])
+    torch.testing.assert_close(x[1, 1:3, d:], expected[1, :2])
+    assert not x[:, 0, d:].any() and not x[1, 3:, d:].any()
