@@ -1,72 +1,91 @@
 """On-disk cache of teacher scores for (text, item) pairs, so distillation computes each pair once across runs.
 
 The Slow teacher costs a decoder pass per (text, item) pair; distillation needs its scores for the same candidate
-pairs epoch after epoch and run after run. This cache keeps them on disk, memory-mapped, keyed by
+pairs epoch after epoch and run after run. This cache keeps them in one SQLite database per directory::
 
-    key = text_index * n_items + item_index        (int64; ``n_items`` is fixed in the manifest)
+    <directory>/scores.sqlite        tables ``meta`` (the stamp) and ``scores`` (text_idx, item_idx) -> score
+    <directory>/scores.sqlite-wal    SQLite's write-ahead log and its index; present while a connection is open
+    <directory>/scores.sqlite-shm
 
-Layout of a cache directory (one directory = one teacher + one candidate source + one dataset)::
+Why SQLite. Every rank of an ``accelerate launch`` run reads and writes the cache at every step. An earlier
+home-made store (one ``.npy`` shard per write, memory-mapped, compacted by rank 0 only) grew by a shard and two
+mmaps per step on the other ranks and hit ``vm.max_map_count`` after ~32k steps. SQLite is in the standard
+library (no new dependency), its write-ahead log lets readers run while one writer commits, its file locks
+serialise writers from several processes (the busy timeout makes a writer wait for the lock instead of failing),
+and a crash mid-transaction leaves the previous state. The file count is fixed (the three files above) and memory
+is SQLite's page cache, whatever the number of steps. LMDB would serve too, but needs a package and a map size
+fixed in advance.
 
-    manifest.json                   stamp, written once: format version, teacher_hash, source, dataset_hash, n_items
-    keys_<id>.npy                   int64 [n], sorted, unique: the shard's keys
-    scores_<id>.npy                 float32 [n]: the teacher score of each key
-    shard_<id>.json                 commit record: names the two .npy files, n, key range, shards it replaces
+Scores are stored as REAL (float64), which holds every float32 exactly, so a score comes back bit for bit as it was
+added. The one exception is -0.0: SQLite stores an integral REAL as an integer and reads it back as +0.0, so
+``add`` stores +0.0 for it (the same value; no softmax or KL can tell them apart).
 
-A shard is *complete* iff its commit record exists: the two ``.npy`` files are written to temporary names, fsynced
-and renamed (``os.replace``, atomic on one filesystem) before the record, which is itself written to a temporary
-name and renamed. So the manifest proper (``manifest.json`` plus the set of commit records) lists complete shards
-only; a leftover ``.tmp-*`` file or a ``.npy`` pair without a record (an interrupted write) is ignored. We keep one
-record per shard rather than a shard list inside ``manifest.json`` because several processes may add shards at the
-same time: a shared list would need a read-modify-write under a file lock, a record per shard needs no lock.
-
-Several processes (``accelerate launch``). Every process may ``add``: a shard id is ``r<rank>-<counter>-<random>``,
-so two writers never pick the same file name, and every write is temp-then-rename, so readers never see a partial
-shard. A process sees its own new shards at once and the other processes' shards after ``refresh()``. Two ranks
-that compute the same pair both store it; ``lookup`` is unaffected (the teacher is deterministic) and ``__len__``
-counts unique pairs; ``compact()`` removes such duplicates. The simplest use is still: compute on the main process,
-``add`` there, broadcast the scores (or ``refresh()`` on the other ranks after a barrier).
-
-Compaction merges every complete shard into one and records the names it replaces, so a crash midway leaves
-either the old shards or the merged one in effect, never both. Readers that had memory-mapped a deleted shard
-keep reading it (POSIX keeps an unlinked, mapped file alive) until their next ``refresh()``. Compaction is safe
-to run concurrently with writers; two concurrent compactions are safe but wasteful, so only rank 0 compacts
-automatically.
-
-Files are plain ``.npy`` (``allow_pickle=False``) and JSON: nothing is unpickled.
+The stamp (format version, teacher weights hash, candidate source, dataset hash, item count, tokenizer hash,
+max_length) is written once, by whichever process creates the database, and every later opening compares it
+field by field: a cache of another teacher or tokenisation is refused, never silently mixed in. Nothing is
+unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import re
+import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fastslow.errors import UserError
+from fastslow.errors import UserError, file_message
 
-__all__ = ["CacheMismatchError", "TeacherScoreCache", "hash_dataset", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["CacheMismatchError", "TeacherScoreCache", "hash_dataset", "FORMAT", "FORMAT_VERSION", "DB_FILE"]
 
 FORMAT = "fastslow.teacher_score_cache"
-# Bump when the layout or the key formula changes; an old cache is then refused rather than misread.
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-_SHARD_ID = re.compile(r"^r(\d+)-(\d+)-[0-9a-f]+$")
+# Bump when the schema or the meaning of a column changes; an old cache is then refused rather than misread.
+# Version 1 was the sharded .npy layout (manifest.json + shard_*.json).
+FORMAT_VERSION = 2
+DB_FILE = "scores.sqlite"
+_OLD_MANIFEST = "manifest.json"
+# SQLite's own side files; with them, the database is the only thing a cache directory holds.
+_DB_SUFFIXES = ("", "-wal", "-shm", "-journal")
+# A writer holds the lock for one short transaction per step, so a long wait means a stuck process, not load.
+DEFAULT_TIMEOUT = 120.0
+# After a checkpoint SQLite truncates the write-ahead log to this size, so it does not keep its high-water mark.
+_WAL_SIZE_LIMIT = 64 << 20
 _INT64_MAX = np.iinfo(np.int64).max
+_INHERITED: list[sqlite3.Connection] = []  # connections a forked child got from its parent: kept, never closed
 
 IndexLike = torch.Tensor | np.ndarray | Sequence[int]
 ComputeFn = Callable[[Any, Any], Any]
 
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # WITHOUT ROWID: the rows live in the primary-key B-tree itself, so a lookup is one tree search and a pair
+    # costs no extra rowid index.
+    "CREATE TABLE IF NOT EXISTS scores (text_idx INTEGER NOT NULL, item_idx INTEGER NOT NULL, score REAL NOT NULL, "
+    "PRIMARY KEY (text_idx, item_idx)) WITHOUT ROWID",
+)
+
+# Stamp fields in the order they are checked, with the words an error message uses for each.
+_STAMP_WORDS = {
+    "format": "format",
+    "version": "format version",
+    "teacher_hash": "teacher (weights hash)",
+    "source": "candidate source",
+    "dataset_hash": "dataset (captions + item ids hash)",
+    "n_items": "item count",
+    "tokenizer_hash": "tokenizer (tokenizer.json hash)",
+    "max_length": "max_length (text truncation)",
+}
+
 
 class CacheMismatchError(UserError):
-    """An existing cache directory was made for another teacher, candidate source, dataset or format version."""
+    """An existing cache was made for another teacher, candidate source, dataset, tokenizer or format version."""
 
 
 def hash_dataset(captions: Sequence[str], item_ids: Sequence[Any], length: int = 16) -> str:
@@ -84,49 +103,6 @@ def hash_dataset(captions: Sequence[str], item_ids: Sequence[Any], length: int =
         {"captions": list(captions), "item_ids": [str(i) for i in item_ids]}, ensure_ascii=False, separators=(",", ":")
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
-
-
-@dataclass
-class _Shard:
-    """One complete shard, memory-mapped."""
-
-    name: str  # the shard id
-    keys: np.ndarray  # int64 [n], sorted ascending, unique (np.memmap)
-    scores: np.ndarray  # float32 [n] (np.memmap)
-    min_key: int
-    max_key: int
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames durable across a power loss; best effort (some filesystems refuse O_RDONLY on directories).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary sibling unique to this process and call; the ``.tmp-`` prefix keeps it out of every glob."""
-    return path.with_name(f".tmp-{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _to_numpy_index(x: IndexLike, name: str) -> np.ndarray:
@@ -152,13 +128,25 @@ def _to_numpy_scores(x: Any, n: int, what: str) -> np.ndarray:
     if arr.shape != (n,):
         raise ValueError(f"{what} must have shape [{n}] (one score per pair), got {tuple(arr.shape)}")
     if not np.isfinite(arr).all():
-        # A NaN stored in the cache would poison every later run that reuses it.
+        # A NaN stored in the cache would poison every later run that reuses it (and SQLite turns NaN into NULL).
         raise ValueError(f"{what} contains NaN or inf: refusing to cache non-finite teacher scores")
     return arr
 
 
+def _is_corruption(e: sqlite3.DatabaseError) -> bool:
+    """True for "this file is not (or no longer) a database", False for lock timeouts and misuse."""
+    name = getattr(e, "sqlite_errorname", "")  # Python >= 3.11
+    if name:
+        return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
+    text = str(e)
+    return "not a database" in text or "malformed" in text
+
+
 class TeacherScoreCache:
-    """Sharded, memory-mapped store of teacher scores for (text index, item index) pairs.
+    """Teacher scores for (text index, item index) pairs in one SQLite database, shared by every process of a run.
+
+    Any number of processes (the ranks of one run, or several runs on one cache) may open, ``add`` and ``lookup``
+    at once: each sees every pair another has committed, with no refresh and no compaction.
 
     Args:
         directory: the cache directory (created when ``create`` and missing). One directory holds the scores of one
@@ -167,16 +155,18 @@ class TeacherScoreCache:
         source: how the candidate pairs were chosen, e.g. ``"inbatch:seed=0:bs=64"`` or
             ``"mined:k=16:round=3:student=<hash>"``.
         dataset_hash: identity of the indices, e.g. ``hash_dataset(split.captions, split.item_ids)``.
-        n_items: number of items (the key is ``text_index * n_items + item_index``). Required to create a cache;
-            when opening one, None takes the manifest's value and any other value must match it.
-        create: create the directory and manifest when missing; False raises FileNotFoundError instead.
-        rank: this process's rank, used in shard names; default ``$RANK`` (set by torchrun/accelerate) or 0.
-        auto_compact: on rank 0, ``add`` calls ``compact()`` when more than this many shards are complete
-            (each ``lookup`` searches every shard). None never compacts automatically.
+        n_items: number of items (``item_idx`` must be in ``[0, n_items)``). Required to create a cache; when
+            opening one, None takes the stored value and any other value must match it.
+        tokenizer_hash: hash of the tokenizer the teacher's texts were encoded with (e.g. of ``tokenizer.json``);
+            None when unknown, which is stamped too (a cache stamped None is refused by a caller that knows it).
+        max_length: token length the texts were truncated to; None when unknown (stamped like ``tokenizer_hash``).
+        create: create the directory and database when missing; False raises FileNotFoundError instead.
+        timeout: seconds a write waits for another process's transaction before failing.
 
     Raises:
-        CacheMismatchError: the directory's manifest was written for another teacher, source, dataset, item count or
-            format version, or the directory holds other files and no manifest.
+        CacheMismatchError: the database was stamped with another teacher, source, dataset, item count, tokenizer,
+            max_length or format version, or the directory holds other files and no database.
+        UserError: the database file is not a readable SQLite database.
         FileNotFoundError: ``create=False`` and there is no cache at ``directory``.
     """
 
@@ -188,198 +178,186 @@ class TeacherScoreCache:
         source: str,
         dataset_hash: str,
         n_items: int | None = None,
+        tokenizer_hash: str | None = None,
+        max_length: int | None = None,
         create: bool = True,
-        rank: int | None = None,
-        auto_compact: int | None = 64,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.directory = Path(directory)
-        self.rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-        self.auto_compact = auto_compact
-        stamp = {"teacher_hash": str(teacher_hash), "source": str(source), "dataset_hash": str(dataset_hash)}
-        self.manifest = self._open_manifest(stamp, n_items, create)
-        self.n_items: int = int(self.manifest["n_items"])
-        self._shards: dict[str, _Shard] = {}
-        self._replaced: set[str] = set()
-        self._n_unique: int | None = 0  # None = unknown (shards may overlap); recomputed lazily by __len__
-        self._counter = self._next_counter()
-        self.refresh()
-
-    # ------------------------------------------------------------------------------------------------ manifest
-
-    def _open_manifest(self, stamp: dict[str, str], n_items: int | None, create: bool) -> dict[str, Any]:
-        path = self.directory / MANIFEST_FILE
-        if not path.is_file():
-            if not create:
-                raise FileNotFoundError(f"no teacher score cache at {self.directory} ({MANIFEST_FILE} missing)")
-            if n_items is None or int(n_items) <= 0:
-                raise ValueError(f"n_items must be a positive int to create a score cache, got {n_items!r}")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # Our own temp files may remain from a crash during creation; anything else means a wrong directory.
-            others = [p.name for p in self.directory.iterdir() if not p.name.startswith(".tmp-")]
-            if others:
-                raise CacheMismatchError(
-                    f"{self.directory} is not empty ({', '.join(sorted(others)[:3])}, ...) and has no {MANIFEST_FILE}: "
-                    f"it is not a teacher score cache; point loss.cache_dir at a new or empty directory"
-                )
-            manifest = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                **stamp,
-                "n_items": int(n_items),
-                "key": "text_index * n_items + item_index",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            # Several ranks may create the same cache at once: each writes a whole file and renames it, so the
-            # last rename wins and every rank then reads (and checks) that one below.
-            _write_atomic(path, lambda f: json.dump(manifest, f, indent=1), "w")
-            _fsync_dir(self.directory)
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        self._check_manifest(manifest, stamp, n_items)
-        return manifest
-
-    def _check_manifest(self, manifest: dict[str, Any], stamp: dict[str, str], n_items: int | None) -> None:
-        d = self.directory
-        fix = f"delete {d} or point loss.cache_dir elsewhere"
-        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-            raise CacheMismatchError(
-                f"{d / MANIFEST_FILE} has format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                f"but this code reads {FORMAT!r} version {FORMAT_VERSION}: {fix}"
-            )
-        if manifest.get("teacher_hash") != stamp["teacher_hash"]:
-            raise CacheMismatchError(
-                f"scores in {d} were computed by teacher {manifest.get('teacher_hash')}, but the current teacher is "
-                f"{stamp['teacher_hash']}: {fix}"
-            )
-        if manifest.get("source") != stamp["source"]:
-            raise CacheMismatchError(
-                f"scores in {d} are for candidate source {manifest.get('source')!r}, but the current source is "
-                f"{stamp['source']!r}: {fix}"
-            )
-        if manifest.get("dataset_hash") != stamp["dataset_hash"]:
-            raise CacheMismatchError(
-                f"scores in {d} index dataset {manifest.get('dataset_hash')} (captions + item ids), but the current "
-                f"dataset is {stamp['dataset_hash']}: {fix}"
-            )
-        if n_items is not None and int(n_items) != manifest.get("n_items"):
-            raise CacheMismatchError(
-                f"scores in {d} are keyed with n_items={manifest.get('n_items')}, but the current dataset has "
-                f"n_items={int(n_items)}: {fix}"
-            )
-
-    # -------------------------------------------------------------------------------------------------- shards
-
-    def _next_counter(self) -> int:
-        """1 + the largest counter of this rank's shard files (cosmetic order; the random suffix prevents clashes)."""
-        top = -1
-        for p in self.directory.glob("*_r*.*"):
-            m = _SHARD_ID.match(p.name.split("_", 1)[-1].rsplit(".", 1)[0])
-            if m and int(m.group(1)) == self.rank:
-                top = max(top, int(m.group(2)))
-        return top + 1
-
-    def _read_records(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
-        """Commit records in the directory.
-
-        Returns:
-            active: ``{shard id: record}`` for every record that no other record replaces.
-            replaced: ids of records still on disk that another record replaces (left by an interrupted compaction).
-        """
-        records = {}
-        for p in self.directory.glob("shard_*.json"):
-            try:
-                with open(p, encoding="utf-8") as f:
-                    records[p.name[len("shard_") : -len(".json")]] = json.load(f)
-            except FileNotFoundError:  # deleted by a concurrent compaction since the glob
-                continue
-            except json.JSONDecodeError as e:  # records are renamed into place whole, so this is corruption
-                raise ValueError(
-                    f"file {p}: unreadable shard record ({e}); delete it and its keys_/scores_ files"
-                ) from e
-        replaced = {name for rec in records.values() for name in rec.get("replaces", [])} & set(records)
-        return {name: rec for name, rec in records.items() if name not in replaced}, replaced
-
-    def _map_shard(self, name: str, record: dict[str, Any]) -> _Shard:
-        keys = np.load(self.directory / record["keys"], mmap_mode="r", allow_pickle=False)
-        scores = np.load(self.directory / record["scores"], mmap_mode="r", allow_pickle=False)
-        n = int(record["n"])
-        if keys.shape != (n,) or scores.shape != (n,) or keys.dtype != np.int64 or scores.dtype != np.float32:
-            raise ValueError(
-                f"shard {name} in {self.directory} is corrupt: its record says {n} pairs, its files hold keys "
-                f"{keys.dtype}{list(keys.shape)} and scores {scores.dtype}{list(scores.shape)}; "
-                f"delete shard_{name}.json"
-            )
-        return _Shard(name, keys, scores, int(record["min_key"]), int(record["max_key"]))
-
-    def refresh(self) -> None:
-        """Pick up the complete shards written since the last refresh (by other processes) and drop replaced ones."""
-        for attempt in range(5):
-            records, replaced = self._read_records()
-            try:
-                new = {name: self._map_shard(name, rec) for name, rec in records.items() if name not in self._shards}
-            except FileNotFoundError:
-                # A concurrent compaction deleted a shard between our listing and our mapping; its merged record is
-                # already written (records are removed before files), so listing again finds it.
-                if attempt == 4:
-                    raise
-                continue
-            break
-        kept = {name: shard for name, shard in self._shards.items() if name in records}
-        if new or len(kept) != len(self._shards):
-            self._n_unique = None if (new or kept) else 0
-        self._shards = {**kept, **new}
-        self._replaced = replaced
-
-    @property
-    def n_shards(self) -> int:
-        """Number of complete shards currently mapped."""
-        return len(self._shards)
-
-    def __len__(self) -> int:
-        """Number of unique (text, item) pairs cached (in the shards seen at the last refresh or own write)."""
-        if self._n_unique is None:
-            shards = list(self._shards.values())
-            if len(shards) == 1:
-                self._n_unique = len(shards[0].keys)
-            else:
-                # Shards from different processes may overlap; count each key once.
-                self._n_unique = int(np.unique(np.concatenate([s.keys for s in shards])).size) if shards else 0
-        return self._n_unique
-
-    def __repr__(self) -> str:
-        m = self.manifest
-        return (
-            f"TeacherScoreCache({str(self.directory)!r}, teacher={m['teacher_hash']}, source={m['source']!r}, "
-            f"pairs={len(self)}, shards={self.n_shards})"
-        )
-
-    def _write_shard(self, keys: np.ndarray, scores: np.ndarray, replaces: Sequence[str] = ()) -> _Shard:
-        """Write sorted unique ``keys`` [n] int64 and ``scores`` [n] float32 as one complete shard."""
-        name = f"r{self.rank:03d}-{self._counter:06d}-{os.urandom(4).hex()}"
-        self._counter += 1
-        keys_file, scores_file = f"keys_{name}.npy", f"scores_{name}.npy"
-        # The .npy files go first; the record, written last, is what makes the shard exist.
-        _write_atomic(self.directory / keys_file, lambda f: np.save(f, keys, allow_pickle=False), "wb")
-        _write_atomic(self.directory / scores_file, lambda f: np.save(f, scores, allow_pickle=False), "wb")
-        record = {
-            "keys": keys_file,
-            "scores": scores_file,
-            "n": int(keys.size),
-            "min_key": int(keys[0]),
-            "max_key": int(keys[-1]),
-            "replaces": list(replaces),
-            "rank": self.rank,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        self.path = self.directory / DB_FILE
+        self.timeout = float(timeout)
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        stamp = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "teacher_hash": str(teacher_hash),
+            "source": str(source),
+            "dataset_hash": str(dataset_hash),
+            "n_items": None if n_items is None else int(n_items),
+            "tokenizer_hash": None if tokenizer_hash is None else str(tokenizer_hash),
+            "max_length": None if max_length is None else int(max_length),
         }
-        _write_atomic(self.directory / f"shard_{name}.json", lambda f: json.dump(record, f, indent=1), "w")
-        _fsync_dir(self.directory)
-        shard = self._map_shard(name, record)
-        self._shards[name] = shard
-        return shard
+        self._check_directory(create, stamp["n_items"])
+        self.stamp = self._open(stamp)
+        self.n_items: int = int(self.stamp["n_items"])
+
+    # ------------------------------------------------------------------------------------------------ opening
+
+    def _check_directory(self, create: bool, n_items: int | None) -> None:
+        if self.path.is_file():
+            return
+        if not create:
+            raise FileNotFoundError(f"no teacher score cache at {self.directory} ({DB_FILE} missing)")
+        old = self.directory / _OLD_MANIFEST
+        if old.is_file():
+            raise CacheMismatchError(
+                f"{self.directory} holds a teacher score cache in the old sharded format ({_OLD_MANIFEST}, "
+                f"shard_*.json); this code reads {FORMAT!r} version {FORMAT_VERSION} ({DB_FILE}): delete "
+                f"{self.directory} and rerun tools/distill.py, which recomputes the scores"
+            )
+        if n_items is None or n_items <= 0:
+            raise ValueError(f"n_items must be a positive int to create a score cache, got {n_items!r}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ours = {DB_FILE + s for s in _DB_SUFFIXES}
+        others = sorted(p.name for p in self.directory.iterdir() if p.name not in ours)
+        if others:
+            raise CacheMismatchError(
+                f"{self.directory} is not empty ({', '.join(others[:3])}, ...) and has no {DB_FILE}: it is not a "
+                f"teacher score cache; move those files or open the cache in a new or empty directory"
+            )
+
+    @contextlib.contextmanager
+    def _db_errors(self) -> Iterator[None]:
+        """Turn "file is not a database" into a message that names the file and the fix; let the rest through."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if not _is_corruption(e):
+                raise
+            raise UserError(
+                file_message(
+                    self.path,
+                    f"not a readable SQLite database ({e})",
+                    f"delete it (and {DB_FILE}-wal, {DB_FILE}-shm beside it) and rerun tools/distill.py, "
+                    f"which recomputes the teacher scores",
+                )
+            ) from e
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross fork(): a forked child (e.g. a DataLoader worker) opens its own, and never
+        # closes the inherited one, whose close could act on locks and files that belong to the parent's.
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _INHERITED.append(self._conn)
+            # isolation_level=None: no implicit transactions; every transaction below is explicit.
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            try:
+                with self._db_errors():
+                    self._set_wal(conn)
+                    # NORMAL is enough under WAL: a crash (of the process or the machine) loses at most the last
+                    # transactions, never the database's consistency, and a lost score is only recomputed.
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+                    conn.execute("PRAGMA temp_store=MEMORY")  # the lookup table below is per call and small
+                    conn.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS query (pos INTEGER PRIMARY KEY, t INTEGER, i INTEGER)"
+                    )
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        # WAL is a property of the database file, set by its first opener. Switching needs a moment of exclusive
+        # access, for which SQLite does not always call the busy handler when several processes create the file at
+        # once, so we retry here until the timeout.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                mode = None
+            if mode == "wal":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.path}: could not switch to WAL mode within {self.timeout:.0f} s ({mode})")
+            time.sleep(0.01)
+
+    def _open(self, stamp: dict[str, Any]) -> dict[str, Any]:
+        conn = self._connection()
+        with self._db_errors(), self._transaction("IMMEDIATE"):
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            # The first opener stamps the database; IMMEDIATE serialises openers, and OR IGNORE keeps a stamp
+            # another process wrote. An existing database is never re-stamped, even where it lacks a field: a
+            # missing field is a mismatch, below.
+            if conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 0:
+                if stamp["n_items"] is None or stamp["n_items"] <= 0:
+                    raise ValueError(
+                        f"n_items must be a positive int to create a score cache, got {stamp['n_items']!r}"
+                    )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                    [(k, json.dumps(v)) for k, v in stamp.items()]
+                    + [("created", json.dumps(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))],
+                )
+            stored = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        self._check_stamp(stored, stamp)
+        return stored
+
+    def _check_stamp(self, stored: dict[str, Any], stamp: dict[str, Any]) -> None:
+        # tools/distill.py keeps the cache in ${output_dir}/cache/ (there is no setting for it), hence this advice.
+        fix = f"delete {self.directory} (tools/distill.py then recomputes the scores) or run with another output_dir"
+        for field, words in _STAMP_WORDS.items():
+            if field == "n_items" and stamp[field] is None:
+                if not isinstance(stored.get(field), int) or stored[field] <= 0:
+                    raise CacheMismatchError(
+                        f"{self.path} has no valid n_items in its stamp ({stored.get(field)!r}): {fix}"
+                    )
+                continue
+            old, new = stored.get(field, "<missing>"), stamp[field]
+            if old != new:
+                raise CacheMismatchError(
+                    f"the teacher scores in {self.path} were made for another {words}: the cache is stamped "
+                    f"{field}={old!r}, the current run has {field}={new!r}: {fix}"
+                )
+
+    @contextlib.contextmanager
+    def _transaction(self, kind: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
+        """One transaction; IMMEDIATE takes the write lock up front (waiting up to ``timeout``), so a writer never
+        has to upgrade a read snapshot, which SQLite refuses without waiting when another process wrote meanwhile."""
+        conn = self._connection()
+        conn.execute(f"BEGIN {kind}")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this process's connection (the last one to close folds the write-ahead log into the database)."""
+        if self._conn is not None:
+            if self._pid == os.getpid():
+                self._conn.close()
+            else:
+                _INHERITED.append(self._conn)  # see _connection
+        self._conn = None
+
+    def __enter__(self) -> TeacherScoreCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------------- lookups
 
-    def _keys(self, text_idx: IndexLike, item_idx: IndexLike) -> np.ndarray:
+    def _pairs(self, text_idx: IndexLike, item_idx: IndexLike) -> tuple[np.ndarray, np.ndarray]:
         t = _to_numpy_index(text_idx, "text_idx")
         i = _to_numpy_index(item_idx, "item_idx")
         if t.shape != i.shape:
@@ -387,33 +365,34 @@ class TeacherScoreCache:
         if t.size:
             if i.min() < 0 or i.max() >= self.n_items:
                 raise ValueError(f"item_idx must be in [0, {self.n_items}), got values in [{i.min()}, {i.max()}]")
+            # The key below (for deduplication) must not overflow int64.
             if t.min() < 0 or t.max() > (_INT64_MAX - self.n_items) // self.n_items:
                 raise ValueError(f"text_idx must be >= 0 and small enough for an int64 key, got [{t.min()}, {t.max()}]")
-        return t * self.n_items + i
+        return t, i
 
     def _lookup_keys(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """keys [P] int64 -> (scores float32 [P], found bool [P]), 0 where not found."""
-        uniq, inverse = np.unique(keys, return_inverse=True)  # sorted needles: cache-friendly searchsorted
-        scores = np.zeros(uniq.size, np.float32)
+        """keys [P] int64 (``text * n_items + item``) -> (scores float32 [P], found bool [P]), 0 where not found."""
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        scores = np.zeros(uniq.size, np.float64)
         found = np.zeros(uniq.size, bool)
-        for shard in self._shards.values():
-            todo = np.flatnonzero(~found)
-            if todo.size == 0:
-                break
-            # uniq is sorted, so the needles inside this shard's key range are one slice.
-            pending = uniq[todo]
-            lo = np.searchsorted(pending, shard.min_key, side="left")
-            hi = np.searchsorted(pending, shard.max_key, side="right")
-            todo = todo[lo:hi]
-            if todo.size == 0:
-                continue
-            needles = uniq[todo]
-            pos = np.searchsorted(shard.keys, needles)
-            pos_c = np.minimum(pos, shard.keys.size - 1)
-            hit = shard.keys[pos_c] == needles
-            scores[todo[hit]] = shard.scores[pos_c[hit]]
-            found[todo[hit]] = True
-        return scores[inverse], found[inverse]
+        if uniq.size:
+            # One join against a temporary table of the wanted pairs: one statement whatever their number (an IN
+            # list is capped by SQLite's variable limit), each pair one primary-key search.
+            rows = zip(range(uniq.size), (uniq // self.n_items).tolist(), (uniq % self.n_items).tolist())
+            with self._db_errors(), self._transaction() as conn:
+                conn.execute("DELETE FROM temp.query")
+                conn.executemany("INSERT INTO temp.query (pos, t, i) VALUES (?, ?, ?)", rows)
+                hits = conn.execute(
+                    "SELECT q.pos, s.score FROM temp.query AS q JOIN scores AS s "
+                    "ON s.text_idx = q.t AND s.item_idx = q.i"
+                ).fetchall()
+                conn.execute("DELETE FROM temp.query")
+            if hits:
+                pos, value = zip(*hits)
+                scores[list(pos)] = value
+                found[list(pos)] = True
+        # float64 -> float32 is exact here: every stored value was a float32.
+        return scores.astype(np.float32)[inverse], found[inverse]
 
     def lookup(self, text_idx: IndexLike, item_idx: IndexLike) -> tuple[Any, Any]:
         """Cached scores of aligned pairs ``(text_idx[p], item_idx[p])``.
@@ -427,39 +406,54 @@ class TeacherScoreCache:
             found: [P] bool.
             Torch tensors on ``text_idx``'s device when ``text_idx`` is a tensor, else numpy arrays.
         """
-        scores, found = self._lookup_keys(self._keys(text_idx, item_idx))
+        t, i = self._pairs(text_idx, item_idx)
+        scores, found = self._lookup_keys(t * self.n_items + i)
         if isinstance(text_idx, torch.Tensor):
             return torch.from_numpy(scores).to(text_idx.device), torch.from_numpy(found).to(text_idx.device)
         return scores, found
 
+    def __len__(self) -> int:
+        """Number of (text, item) pairs cached, by every process."""
+        with self._db_errors():
+            return int(self._connection().execute("SELECT count(*) FROM scores").fetchone()[0])
+
+    def __repr__(self) -> str:
+        s = self.stamp
+        return (
+            f"TeacherScoreCache({str(self.directory)!r}, teacher={s['teacher_hash']}, source={s['source']!r}, "
+            f"pairs={len(self)})"
+        )
+
     # -------------------------------------------------------------------------------------------------- writes
 
+    def _insert(self, keys: np.ndarray, values: np.ndarray) -> int:
+        """Insert unique ``keys`` [n] with float32 ``values`` [n] in one transaction; pairs already stored keep
+        their score. Returns the number of new pairs."""
+        values = values + np.float32(0.0)  # -0.0 -> +0.0, which is what SQLite would read back (module docstring)
+        rows = zip((keys // self.n_items).tolist(), (keys % self.n_items).tolist(), values.astype(np.float64).tolist())
+        with self._db_errors(), self._transaction("IMMEDIATE") as conn:
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO scores (text_idx, item_idx, score) VALUES (?, ?, ?)", rows)
+            return conn.total_changes - before
+
     def add(self, text_idx: IndexLike, item_idx: IndexLike, scores: Any) -> int:
-        """Store scores for aligned pairs as one new shard; pairs already cached (or repeated) are stored once.
+        """Store scores for aligned pairs in one transaction; pairs already cached (or repeated) are stored once.
 
         Args:
             text_idx: [P] int text indices.
             item_idx: [P] int item indices in ``[0, n_items)``.
             scores: [P] float teacher scores (torch or numpy), finite. For a pair repeated in the call, the first
-                occurrence is kept; a pair already cached keeps its cached score.
+                occurrence is kept; a pair already cached (by any process) keeps its cached score.
 
         Returns:
-            Number of new pairs written (0 writes nothing).
+            Number of new pairs written.
         """
-        keys = self._keys(text_idx, item_idx)
-        values = _to_numpy_scores(scores, keys.size, "scores")
-        keys, first = np.unique(keys, return_index=True)
-        values = values[first]
-        _, cached = self._lookup_keys(keys)
-        keys, values = keys[~cached], values[~cached]
+        t, i = self._pairs(text_idx, item_idx)
+        values = _to_numpy_scores(scores, t.size, "scores")
+        keys, first = np.unique(t * self.n_items + i, return_index=True)
         if keys.size == 0:
             return 0
-        self._write_shard(keys, values)
-        if self._n_unique is not None:
-            self._n_unique += int(keys.size)  # the new keys were in no shard we know of
-        if self.rank == 0 and self.auto_compact is not None and self.n_shards > self.auto_compact:
-            self.compact()
-        return int(keys.size)
+        return self._insert(keys, values[first])
 
     def get_or_compute(
         self, text_idx: IndexLike, item_idx: IndexLike, compute_fn: ComputeFn, *, chunk: int = 65536
@@ -471,57 +465,29 @@ class TeacherScoreCache:
             item_idx: [P] int item indices in ``[0, n_items)``.
             compute_fn: ``(text_idx [M], item_idx [M]) -> scores [M]`` for unique missing pairs; it receives int64
                 CPU torch tensors when ``text_idx`` is a tensor, else int64 numpy arrays, and may return torch or
-                numpy. Called once per chunk; each chunk's scores are stored as a shard before the next chunk, so
-                an interrupted call keeps what it computed.
-            chunk: most pairs per ``compute_fn`` call (and per shard).
+                numpy. Called once per chunk; each chunk's scores are committed before the next chunk, so an
+                interrupted call keeps what it computed.
+            chunk: most pairs per ``compute_fn`` call (and per transaction).
 
         Returns:
             scores: [P] float32, torch on ``text_idx``'s device when it is a tensor, else numpy.
         """
         if chunk <= 0:
             raise ValueError(f"chunk must be positive, got {chunk}")
-        keys = self._keys(text_idx, item_idx)
+        t, i = self._pairs(text_idx, item_idx)
+        keys = t * self.n_items + i
         scores, found = self._lookup_keys(keys)
         missing = np.unique(keys[~found])
         as_torch = isinstance(text_idx, torch.Tensor)
         computed = np.empty(missing.size, np.float32)
         for start in range(0, missing.size, chunk):
             part = missing[start : start + chunk]
-            t, i = part // self.n_items, part % self.n_items
-            out = compute_fn(torch.from_numpy(t), torch.from_numpy(i)) if as_torch else compute_fn(t, i)
+            pt, pi = part // self.n_items, part % self.n_items
+            out = compute_fn(torch.from_numpy(pt), torch.from_numpy(pi)) if as_torch else compute_fn(pt, pi)
             computed[start : start + part.size] = _to_numpy_scores(out, part.size, "compute_fn's output")
-            self._write_shard(part, computed[start : start + part.size])
-            if self._n_unique is not None:
-                self._n_unique += int(part.size)
+            # Another process may have stored some of these pairs meanwhile; its score is kept (OR IGNORE) and
+            # ours returned, the same score since the teacher is deterministic.
+            self._insert(part, computed[start : start + part.size])
         if missing.size:
-            scores[~found] = computed[np.searchsorted(missing, keys[~found])]
-            if self.rank == 0 and self.auto_compact is not None and self.n_shards > self.auto_compact:
-                self.compact()
+            scores[~found] = computed[np.searchsorted(missing, keys[~found])] + np.float32(0.0)
         return torch.from_numpy(scores).to(text_idx.device) if as_torch else scores
-
-    def compact(self) -> None:
-        """Merge every complete shard into one (deduplicated); the old shard files are then deleted.
-
-        Reads all cached keys and scores into memory once (12 bytes per pair). Crash-safe: the merged shard's
-        record lists the shards it replaces, so until the old records are deleted readers ignore them.
-        """
-        self.refresh()
-        if len(self._shards) <= 1:
-            return
-        shards = list(self._shards.values())
-        keys = np.concatenate([np.asarray(s.keys) for s in shards])
-        scores = np.concatenate([np.asarray(s.scores) for s in shards])
-        keys, first = np.unique(keys, return_index=True)
-        # Also replace the shards that an earlier, interrupted compaction replaced but whose records remain: the
-        # merged shard supersedes the record that replaced them, and once their records are deleted they cannot
-        # come back, so the list stays short. (Not "every other record on disk": a shard another rank wrote after
-        # our refresh is not in the merge and must stay.)
-        replaces = sorted(set(self._shards) | self._replaced)
-        merged = self._write_shard(keys, scores[first], replaces=replaces)
-        for name in replaces:  # records first, so a reader never finds a record whose files are gone
-            (self.directory / f"shard_{name}.json").unlink(missing_ok=True)
-        for name in replaces:
-            (self.directory / f"keys_{name}.npy").unlink(missing_ok=True)
-            (self.directory / f"scores_{name}.npy").unlink(missing_ok=True)
-        self._shards = {merged.name: merged}
-        self._n_unique = int(keys.size)

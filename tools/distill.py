@@ -39,6 +39,7 @@ def main(argv=None) -> None:
         split_hash,
     )
     from fastslow.evaluation import evaluate_student
+    from fastslow.index import file_hash
     from fastslow.score_cache import TeacherScoreCache
     from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 
@@ -97,6 +98,8 @@ def main(argv=None) -> None:
             source=mode,
             dataset_hash=split_hash(train),
             n_items=train.n_items,
+            tokenizer_hash=file_hash(stages.tokenizer_path(cfg)),  # the scorer encodes captions with `tok`
+            max_length=cfg.data.max_length,
         )
     if mode != "none":
         miner = None
