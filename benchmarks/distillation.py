@@ -25,7 +25,6 @@ and prints a Markdown table: per config, mean ± sample std over seeds, and the 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 from _common import ROOT, split_own, variant_dir
+
+from fastslow.artefacts import atomic_write_json
 
 # Named loss configurations: recipe overrides on top of the recipe's own loss section.
 CONFIGS: dict[str, list[str]] = {
@@ -120,10 +121,7 @@ def main() -> None:
     out = base / "bench" / "distillation.json"
 
     def write() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"teacher": teacher_metrics, "runs": runs}, indent=1))
-        os.replace(tmp, out)
+        atomic_write_json(out, {"teacher": teacher_metrics, "runs": runs}, indent=1)
 
     def reap(entry) -> None:
         config, seed, d, proc = entry

@@ -34,6 +34,8 @@ import faiss
 import numpy as np
 import torch
 
+from fastslow.artefacts import atomic_path, atomic_write, atomic_write_json
+
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 # Faiss prints a warning below this many training points per k-means centroid (Clustering.cpp); we stay above it.
 MIN_POINTS_PER_CENTROID = 39
@@ -396,16 +398,13 @@ def save_index(out_dir: str | os.PathLike, index: faiss.Index, manifest: dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index_path, manifest_path = out / INDEX_FILE, out / MANIFEST_FILE
-    # Write both to temporary siblings first (same filesystem, so os.replace is atomic).
-    tmp_index, tmp_manifest = f"{index_path}.tmp-{os.getpid()}", f"{manifest_path}.tmp-{os.getpid()}"
-    faiss.write_index(cpu, tmp_index)
-    with open(tmp_manifest, "w", encoding="utf-8") as f:
-        json.dump(full, f, indent=1, ensure_ascii=False)
-    # The manifest is the commit marker: remove the old one before swapping the index, so a crash between the two
-    # renames leaves "no manifest" (load refuses) rather than a new index under an old manifest.
-    manifest_path.unlink(missing_ok=True)
-    os.replace(tmp_index, index_path)
-    os.replace(tmp_manifest, manifest_path)
+    # Both go through temporary siblings (fsync + os.replace, fastslow.artefacts). The manifest is the commit marker:
+    # once the new index is written, remove the old manifest before swapping the index in, so a crash between the
+    # two renames leaves "no manifest" (load refuses) rather than a new index under an old manifest.
+    with atomic_path(index_path) as tmp_index:
+        faiss.write_index(cpu, str(tmp_index))
+        manifest_path.unlink(missing_ok=True)
+    atomic_write_json(manifest_path, full, indent=1, ensure_ascii=False)
     return manifest_path
 
 
@@ -470,10 +469,8 @@ def _chunk_path(out: Path, step: int) -> Path:
 
 
 def _save_chunk(path: Path, item_index: np.ndarray, embeddings: np.ndarray) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
-        np.savez(f, item_index=item_index, embeddings=embeddings)
-    os.replace(tmp, path)
+    # A file object, so numpy does not append ".npz" to the temporary name.
+    atomic_write(path, lambda f: np.savez(f, item_index=item_index, embeddings=embeddings))
 
 
 def encode_gallery(

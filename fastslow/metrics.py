@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastslow.artefacts import atomic_write_text
+
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = (
     "t2v_R@1",
@@ -205,12 +207,6 @@ def format_table(
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_metrics(
     out_dir: str | os.PathLike, rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] | None = None
 ) -> tuple[Path, Path]:
@@ -228,14 +224,14 @@ def write_metrics(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "metrics.json", out / "metrics.csv"
-    _atomic_write_text(json_path, json.dumps({str(m): dict(r) for m, r in rows.items()}, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps({str(m): dict(r) for m, r in rows.items()}, indent=2) + "\n")
     cols = _columns(rows, columns)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["method", *cols], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for method, row in rows.items():
         writer.writerow({"method": method, **row})
-    _atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
 

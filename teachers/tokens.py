@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastslow.artefacts import commit_dir
+
 __all__ = ["VisualTokens", "TokenStore"]
 
 _FORMAT = "fastslow.TokenStore"
@@ -192,14 +194,7 @@ class TokenStore:
                 meta=dict(meta or {}),
             )
             (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
-            if path.exists():
-                # os.replace cannot replace a non-empty directory: move the old store aside first.
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            commit_dir(tmp, path)  # fsync every file, rename (an old store is moved aside first), fsync the parent
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,13 +1,32 @@
-"""The shared training loop: exact resume, atomic checkpoints, loud failure, schedule."""
+"""The shared training loop: exact resume, durable checkpoints of one run, checked and safe resume,
+loud failure, schedule."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastslow.trainer import EpochBatches, TrainConfig, Trainer, list_checkpoints, make_accelerator, warmup_cosine
+from fastslow.artefacts import write_manifest
+from fastslow.errors import UserError
+from fastslow.trainer import (
+    EpochBatches,
+    TrainConfig,
+    Trainer,
+    _WeightsOnlyCheckpointEngine,
+    checkpoint_problems,
+    list_checkpoints,
+    make_accelerator,
+    warmup_cosine,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -59,12 +78,23 @@ def crash_at(step):
     return hook
 
 
-def run(out_dir, max_steps, resume="auto", save_every=3, grad_accum=1, poison_step=None, on_step_end=None):
+def make_trainer(
+    out_dir,
+    max_steps,
+    resume="auto",
+    save_every=3,
+    grad_accum=1,
+    poison_step=None,
+    on_step_end=None,
+    batch_size=8,
+    lr=1e-2,
+    checkpoint_objects=None,
+):
     torch.manual_seed(0)
     cfg = TrainConfig(
         max_steps=max_steps,
-        batch_size=8,
-        lr=1e-2,
+        batch_size=batch_size,
+        lr=lr,
         warmup_steps=2,
         grad_accum=grad_accum,
         save_every=save_every,
@@ -73,7 +103,7 @@ def run(out_dir, max_steps, resume="auto", save_every=3, grad_accum=1, poison_st
         log_every=2,
         eval_every=0,
     )
-    trainer = Trainer(
+    return Trainer(
         ToyModule(poison_step),
         ToyData(),
         collate_fn=collate,
@@ -82,8 +112,12 @@ def run(out_dir, max_steps, resume="auto", save_every=3, grad_accum=1, poison_st
         seed=3,
         accelerator=make_accelerator(out_dir, grad_accum, log=False),
         on_step_end=on_step_end,
+        checkpoint_objects=checkpoint_objects,
     )
-    trainer.train()
+
+
+def run(out_dir, max_steps, **kw):
+    make_trainer(out_dir, max_steps, **kw).train()
     return load_file(str(out_dir / "model.safetensors"))
 
 
@@ -148,3 +182,224 @@ def test_warmup_cosine_shape():
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
     assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def set_aside(out_dir):
+    dirs = sorted(out_dir.glob("checkpoints.set-aside-*"))
+    assert len(dirs) <= 1
+    return dirs[0] if dirs else None
+
+
+# ---------------------------------------------------------------- one run's checkpoints (issue 13, point 3)
+
+
+def test_new_run_sets_old_checkpoints_aside_and_auto_resumes_its_own(tmp_path):
+    run(tmp_path, 9, save_every=2)  # an earlier run leaves step 8 and 9, higher than anything the new run writes
+    old = sorted(p.name for p in list_checkpoints(tmp_path / "checkpoints"))
+    with pytest.warns(UserWarning, match="another run"), pytest.raises(Crash):
+        run(tmp_path, 6, resume="none", save_every=2, on_step_end=crash_at(5))
+    # keep-last-2 kept the new run's own checkpoints, not the old run's higher step numbers
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000002", "step_0000004"]
+    aside = set_aside(tmp_path)
+    assert sorted(p.name for p in aside.iterdir()) == old  # moved intact, not deleted
+    assert not any(checkpoint_problems(p) for p in aside.iterdir())
+    resumed = run(tmp_path, 6, save_every=2)  # auto: the new run's step 4, not the old run's step 9
+    assert same(resumed, run(tmp_path / "straight", 6, save_every=2))
+
+
+def test_pruning_removes_only_this_runs_checkpoints(tmp_path):
+    run(tmp_path / "other", 2, save_every=2)
+    foreign = list_checkpoints(tmp_path / "other" / "checkpoints")[-1]
+
+    def plant(trainer):  # another run writing into the same directory meanwhile
+        if trainer.state.step == 3:
+            shutil.copytree(foreign, trainer.ckpt_dir / "step_0000099")
+
+    run(tmp_path / "a", 8, save_every=2, on_step_end=plant)
+    names = [p.name for p in list_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert names == ["step_0000006", "step_0000008", "step_0000099"]
+
+
+# ---------------------------------------------------------------- durable checkpoints (point 4)
+
+
+def test_stray_names_are_ignored(tmp_path):
+    run(tmp_path, 4, save_every=2)
+    d = tmp_path / "checkpoints"
+    shutil.copytree(d / "step_0000004", d / "step_0000500.bak")  # a user's backup
+    (d / "step_0000600.tmp").mkdir()  # an interrupted write
+    (d / "step_abc").mkdir()
+    (d / "notes.txt").write_text("")
+    assert [p.name for p in list_checkpoints(d)] == ["step_0000002", "step_0000004"]
+    with pytest.warns(UserWarning, match=r"step_0000600\.tmp: an interrupted write"):
+        run(tmp_path, 6, save_every=2)  # resume=auto neither crashes on them nor resumes the .bak
+    assert json.loads((d / "step_0000006" / "trainer_state.json").read_text())["step"] == 6
+    assert (d / "step_0000500.bak").is_dir() and (d / "step_abc").is_dir()  # not ours to move
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # what a power cut or a bad disk leaves, and the file the warning must name
+    "empty weights": (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors has 0 bytes"),
+    "empty state": (lambda c: (c / "trainer_state.json").write_text(""), "trainer_state.json has 0 bytes"),
+    "no manifest": (lambda c: (c / "manifest.json").unlink(), "no manifest.json"),
+    "flipped byte": (lambda c: _flip_byte(c / "optimizer.safetensors"), "optimizer.safetensors does not match"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_auto_resume_falls_back_past_an_incomplete_checkpoint(tmp_path, damage):
+    straight = run(tmp_path / "a", 8, save_every=2)
+    with pytest.raises(Crash):
+        run(tmp_path / "b", 8, save_every=2, on_step_end=crash_at(7))  # leaves step 4 and 6
+    ckpts = tmp_path / "b" / "checkpoints"
+    breaks, says = DAMAGE[damage]
+    breaks(ckpts / "step_0000006")
+    with pytest.warns(UserWarning) as record:
+        resumed = run(tmp_path / "b", 8, save_every=2)
+    messages = [str(w.message) for w in record]
+    assert any("step_0000006" in m and says in m for m in messages), messages
+    assert same(straight, resumed)  # from step 4, the previous complete checkpoint
+    assert (set_aside(tmp_path / "b") / "step_0000006").is_dir()  # the broken one is kept for inspection
+
+
+def test_explicit_or_only_incomplete_checkpoint_is_an_error(tmp_path):
+    run(tmp_path, 2, save_every=2)
+    ckpt = tmp_path / "checkpoints" / "step_0000002"
+    (ckpt / "model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        UserError, match=r"step_0000002: not a complete, unchanged fastslow checkpoint: model\.safetensors has 0 bytes"
+    ):
+        make_trainer(tmp_path, 4, resume=str(ckpt))
+    with pytest.raises(UserError, match=r"none of the 1 checkpoints .* is complete.*train\.resume=none"):
+        make_trainer(tmp_path, 4)  # auto with nothing complete does not silently start over
+
+
+# ---------------------------------------------------------------- resume checks what it resumes into (point 5)
+
+
+@pytest.mark.parametrize(
+    "key, kwargs, saved, now",
+    [("batch_size", {"batch_size": 4}, 8, 4), ("grad_accum", {"grad_accum": 2}, 1, 2), ("num_processes", {}, 2, 1)],
+)
+def test_resume_refuses_a_changed_data_position(tmp_path, key, kwargs, saved, now):
+    run(tmp_path, 4, save_every=4)
+    ckpt = tmp_path / "checkpoints" / "step_0000004"
+    if key == "num_processes":  # as if saved by a 2-process run (the manifest is rewritten to match)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state["config"]["num_processes"] = 2
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        write_manifest(ckpt)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=rf"{key} \(.*\): saved {saved}, now {now}"):
+        make_trainer(tmp_path, 8, **kwargs)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # refused before anything moved
+
+
+def test_resume_with_a_lower_lr_applies_it_from_the_resumed_step(tmp_path):
+    run(tmp_path, 4, save_every=4)
+    trainer = make_trainer(tmp_path, 8, lr=1e-3)  # e.g. after a non-finite loss; and 4 more steps
+    assert trainer.state.step == 4
+    want = 1e-3 * warmup_cosine(4, 2, 8)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([want, want])
+    assert trainer.scheduler.base_lrs == [1e-3, 1e-3]
+
+
+# ---------------------------------------------------------------- loading runs no code (point 8)
+
+
+class Payload:
+    """Unpickling this runs code: it writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_the_payload_is_live(tmp_path):
+    """The payload below does run when unpickled the unsafe way, so its absence there means something."""
+    torch.save({"x": Payload(tmp_path / "marker")}, tmp_path / "p.bin")
+    torch.load(tmp_path / "p.bin", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("forged", [False, True], ids=["manifest-kept", "manifest-forged"])
+@pytest.mark.parametrize(
+    "where", ["model.safetensors", "optimizer.safetensors", "state/custom_checkpoint_0.pkl", "state/optimizer.bin"]
+)
+def test_planted_pickle_is_refused_and_never_runs(tmp_path, where, forged):
+    out = tmp_path / "run"
+    run(out, 2, save_every=2)
+    ckpt = out / "checkpoints" / "step_0000002"
+    marker = tmp_path / "marker"
+    (ckpt / where).parent.mkdir(exist_ok=True)
+    torch.save({"state": Payload(marker)}, ckpt / where)  # where accelerate or we would look for state
+    if forged:  # the attacker also rewrites the manifest to list the planted file with its hash
+        write_manifest(ckpt)
+    with pytest.raises(UserError, match=rf"{where.split('/')[-1]}"):
+        make_trainer(out, 4, resume=str(ckpt))
+    with pytest.raises(UserError):
+        make_trainer(out, 4)  # resume=auto refuses it too
+    assert not marker.exists()
+
+
+def test_deepspeed_files_are_loaded_weights_only(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    engine = _WeightsOnlyCheckpointEngine(TorchCheckpointEngine())
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "w": torch.ones(2)}, tmp_path / "good.pt")
+    assert engine.load(str(tmp_path / "good.pt"))["zero_stage"] == ZeroStageEnum.gradients  # DeepSpeed's own types
+    marker = tmp_path / "marker"
+    torch.save({"optimizer_state_dict": Payload(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"bad\.pt cannot be loaded with weights_only=True"):
+        engine.load(str(tmp_path / "bad.pt"))
+    assert not marker.exists()
+
+
+DS_SCRIPT = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+from test_trainer import Crash, crash_at, run
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+if mode == "crash":
+    try:
+        run(out, 8, save_every=4, on_step_end=crash_at(6))
+    except Crash:
+        sys.exit(0)
+    sys.exit("no crash")
+run(out, 8, save_every=4)
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_is_bit_identical(tmp_path):
+    """DeepSpeed ZeRO-2 (1 CPU process): its engine files, loaded weights-only, plus our state resume exactly."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "ds_run.py"
+    script.write_text(DS_SCRIPT.format(tests=str(ROOT / "tests")))
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
+    launcher += [str(ROOT / "accelerate_config.yaml"), "--num_processes", "1", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for out, mode in (("a", "straight"), ("b", "crash"), ("b", "resume")):
+        proc = subprocess.run([*launcher, str(tmp_path / out), mode], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_0000004" in proc.stdout
+    assert list((tmp_path / "b" / "checkpoints" / "step_0000008" / "state").rglob("*optim_states*"))
+    assert same(
+        load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    )

@@ -1,0 +1,251 @@
+"""One way to write an artefact: atomically, durably, and (for a directory) with a manifest written last.
+
+A reader sees either the old artefact or the complete new one, never a half-written file, and a power cut
+cannot leave a renamed-but-empty file: every writer here goes through the same steps (STYLE.md, 16):
+
+1. write to a temporary name in the destination's own directory (same filesystem, so the rename is atomic);
+2. flush and ``fsync`` the file, so its bytes are on disk before its name is;
+3. ``os.replace`` it over the destination;
+4. ``fsync`` the directory, so the rename itself survives a crash.
+
+A directory artefact (a checkpoint, a token store) is built in a temporary directory, every file in it is
+fsynced, then `write_manifest` records each file's size and sha256 in ``manifest.json``, the commit marker,
+written last; `verify_manifest` lists what differs. A reader that checks the manifest before it opens
+anything never trusts a file that was truncated, swapped or planted after the manifest was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "MANIFEST",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "commit_dir",
+    "file_sha256",
+    "fsync_dir",
+    "fsync_tree",
+    "read_manifest",
+    "verify_manifest",
+    "write_manifest",
+]
+
+MANIFEST = "manifest.json"
+_MANIFEST_FORMAT = "fastslow-manifest"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened, and renames are durable there anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and /proc-like mounts) refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_sibling(path: Path) -> Path:
+    # Hidden, unique per writer (pid + random), so concurrent writers never share a temporary file.
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path`` through, for writers that take a file name (faiss, safetensors).
+
+    On a clean exit the temporary file is fsynced and renamed over ``path`` and the directory fsynced; on an
+    exception it is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], Any], mode: str = "wb") -> Path:
+    """Write ``path`` atomically and durably: ``write_fn(f)`` fills an open temporary file.
+
+    Args:
+        path: the destination; its directory is created if needed.
+        write_fn: called once with the open file object.
+        mode: ``"wb"`` (binary) or ``"w"`` (text, UTF-8).
+
+    Returns:
+        ``path`` as a Path.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write: mode must be 'wb' or 'w', not {mode!r}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        # "x": the temporary name must be new; the file gets the usual permissions (umask), unlike mkstemp's 0600.
+        with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and durably."""
+    return atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably."""
+    return atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> Path:
+    """Write ``obj`` as JSON (``indent=1`` unless given) to ``path`` atomically and durably."""
+    json_kwargs.setdefault("indent", 1)
+    return atomic_write(path, lambda f: json.dump(obj, f, **json_kwargs), "w")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    """Every regular file under ``directory`` (relative POSIX paths, sorted), the manifest itself excluded."""
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST
+    )
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file and every directory under ``directory`` (itself included), deepest first."""
+    directory = Path(directory)
+    for root, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        fsync_dir(root)
+
+
+def write_manifest(directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fsync every file under ``directory``, then write ``manifest.json`` (atomically, last) listing each one.
+
+    The manifest maps each relative path to ``{"size", "sha256"}``; ``extra`` (JSON-serialisable) is stored
+    beside the file list, e.g. the run that wrote the directory.
+
+    Returns:
+        The manifest as written.
+    """
+    directory = Path(directory)
+    fsync_tree(directory)
+    files = {}
+    for rel in _files(directory):
+        p = directory / rel
+        files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    manifest = {"format": _MANIFEST_FORMAT, "files": files, **(extra or {})}
+    atomic_write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The parsed ``manifest.json`` of ``directory``, or None when it is missing or not a manifest."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != _MANIFEST_FORMAT:
+        return None
+    if not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest
+
+
+def verify_manifest(directory: str | os.PathLike, hashes: bool = True) -> list[str]:
+    """What is wrong with ``directory`` against its manifest; an empty list means it is complete and unchanged.
+
+    Checks that the manifest exists and parses, that every listed file exists with its size and (with
+    ``hashes``) its sha256, and that no file is present that the manifest does not list (a planted file).
+
+    Args:
+        directory: a directory written with `write_manifest`.
+        hashes: also compare sha256 (reads every byte); False checks names and sizes only.
+
+    Returns:
+        One short sentence per problem, naming the file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [f"{directory} is not a directory"]
+    if not (directory / MANIFEST).is_file():
+        return [f"no {MANIFEST} (an interrupted write, or not written by fastslow)"]
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return [f"{MANIFEST} is empty, unreadable or not a fastslow manifest"]
+    problems = []
+    listed: dict[str, Any] = manifest["files"]
+    for rel, want in sorted(listed.items()):
+        p = directory / rel
+        if not isinstance(want, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{MANIFEST} has an invalid entry {rel!r}")
+        elif not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif p.stat().st_size != want.get("size"):
+            problems.append(f"{rel} has {p.stat().st_size} bytes, the manifest says {want.get('size')}")
+        elif hashes and file_sha256(p) != want.get("sha256"):
+            problems.append(f"{rel} does not match its sha256 in the manifest (changed after it was written)")
+    for rel in _files(directory):
+        if rel not in listed:
+            problems.append(f"{rel} is not listed in the manifest (added after it was written)")
+    return problems
+
+
+def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a fully written directory ``tmp`` to ``final`` durably, replacing an existing ``final``.
+
+    Every file in ``tmp`` is fsynced first; ``os.replace`` cannot replace a non-empty directory, so an existing
+    ``final`` is moved aside to a hidden sibling and removed after the rename; the parent is fsynced.
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = _tmp_sibling(final).with_suffix(".old")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
