@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fastslow.data import ImageLoader, PairDataset, collate, load_karpathy
 from fastslow.data.shapes import generate_shapes
@@ -286,11 +287,11 @@ def test_listwise_batcher_masks_padding_when_the_gallery_is_smaller_than_k(data,
 
 def test_miner_state_dict_round_trips_the_bank(data, miner, tmp_path):
     train, loader, tok = data
-    path = tmp_path / "miner.pt"
-    torch.save(miner.state_dict(), path)  # what accelerate's register_for_checkpointing does
+    path = tmp_path / "miner.safetensors"
+    save_file(miner.state_dict(), str(path))  # what the trainer does with its checkpoint_objects
     resumed = CandidateMiner(train, loader, tok, MAX_LEN, k=K)
     assert resumed.state_dict() == {}
-    resumed.load_state_dict(torch.load(path, weights_only=True))
+    resumed.load_state_dict(load_file(str(path)))
     assert torch.equal(resumed.item_emb, miner.item_emb)
     assert torch.equal(resumed.mined, miner.mined)
     assert resumed.rounds == miner.rounds == 1
