@@ -1,0 +1,263 @@
+"""The typed schema of a recipe: one dataclass per section, enums for modes, a range beside each number.
+
+`fastslow.config.load_recipe` merges `recipes/base.yaml` and `recipes/NAME.yaml` into
+`OmegaConf.structured(RecipeConfig)`, so every key a recipe may hold is declared here once, with its type
+(`T | None` where null is allowed) and its range (`ge` / `gt` / `le` in the field's metadata, checked
+by the loader after the overrides and the interpolations). The values live in the YAML files: a field
+without a default (`MISSING`) must be set by `recipes/base.yaml`, so base.yaml stays the one documented
+place for defaults and this file the one place for types. A key added to base.yaml must be added here
+too (the loader names the dataclass to edit).
+
+Modes are str enums whose member names equal their values, because OmegaConf converts a string to an
+enum member by name. A member compares and hashes equal to its string (`cfg.loss.distill == "swap"`,
+`mode in ("listwise", "group")`), prints as it (`f"{mode}"`), and is saved as it (`save_config`); builders
+receive plain strings (`to_kwargs`). The library modules keep their own tuples of valid values (they
+are importable without a recipe); `tests/test_config.py` checks that each enum here equals its tuple.
+
+Importing this module must stay cheap (no torch): the tools load the recipe before the heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING as _DC_MISSING
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class Mode(str, Enum):
+    """A str enum that prints as its value (`enum.StrEnum` is Python >= 3.11; the project supports 3.10)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def _modes(name: str, values: list[str]) -> type[Mode]:
+    # The functional form, because `raise` cannot be a member name in a class body; names = values.
+    return Mode(name, [(v, v) for v in values])  # type: ignore[return-value]
+
+
+Dataset = _modes("Dataset", ["shapes", "karpathy", "shapes_video", "vatex"])  # fastslow.stages *_DATASETS
+OnError = _modes("OnError", ["raise", "skip"])  # fastslow.data on_error
+Split = _modes("Split", ["train", "val", "test"])  # fastslow.data.karpathy KARPATHY_SPLITS
+CrossAttn = _modes("CrossAttn", ["gradual", "coarse", "fine"])  # teachers.captioner _CROSS_ATTN
+TextPool = _modes("TextPool", ["mean", "first"])  # students.dual_encoder TextTower
+VideoPool = _modes("VideoPool", ["mean", "cls"])  # students.dual_encoder VideoTower
+Distill = _modes("Distill", ["none", "swap", "inbatch", "listwise", "group"])  # fastslow.distill DISTILL_MODES
+TeacherNorm = _modes("TeacherNorm", ["length", "sum", "zscore"])  # fastslow.losses TEACHER_NORMS
+IndexKind = _modes("IndexKind", ["flat", "ivf", "ivfpq", "hnsw"])  # fastslow.index KINDS
+CombinerMode = _modes("CombinerMode", ["slow", "fuse"])  # fastslow.combiner MODES
+
+
+def key(
+    default: Any = MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    default_factory: Any = _DC_MISSING,
+) -> Any:
+    """A dataclass field with its allowed range (for a list: of every entry); `MISSING`: base.yaml sets it."""
+    meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    if default_factory is not _DC_MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """`data`: the dataset reader and its files. Below `num_workers`, keys only some datasets read
+    (null elsewhere; the loader requires them for their datasets and rejects them for the others)."""
+
+    dataset: Dataset = MISSING
+    root: str = MISSING
+    on_error: OnError = MISSING
+    max_length: int = key(ge=3)  # BOS + at least one token + EOS
+    max_captions: int | None = key(ge=1)
+    num_workers: int = key(ge=0)
+    # image datasets (shapes, karpathy)
+    ann_file: str | None = None  # the Karpathy split file
+    image_dir: str | None = None
+    image_size: int | None = key(None, ge=8)
+    # video datasets (shapes_video, vatex)
+    ann_train: str | None = None  # vatex_training_v1.0.json
+    ann_val: str | None = None  # vatex_validation_v1.0.json (cut into val / test)
+    feature_dir: str | None = None  # one <videoID>.npy per video
+    feature_dim: int | None = key(None, ge=1)
+    max_frames: int | None = key(None, ge=1)
+    n_val: int | None = key(None, ge=1)
+    # generated datasets: the generator's keyword arguments, checked against ShapesGenerate /
+    # ShapesVideoGenerate below (a typed Union of sections is not something OmegaConf supports)
+    generate: dict[str, Any] | None = None
+
+
+# Keys each dataset reads beyond the shared ones (the loader requires exactly these of the optional ones).
+DATASET_KEYS: dict[str, tuple[str, ...]] = {
+    "shapes": ("ann_file", "image_dir", "image_size", "generate"),
+    "karpathy": ("ann_file", "image_dir", "image_size"),
+    "shapes_video": ("ann_train", "ann_val", "feature_dir", "feature_dim", "max_frames", "n_val", "generate"),
+    "vatex": ("ann_train", "ann_val", "feature_dir", "feature_dim", "max_frames", "n_val"),
+}
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = MISSING  # a local HF tokenizer dir; null: trained on the train captions
+    vocab_size: int = key(ge=5)  # 4 special tokens + at least one piece
+
+
+@dataclass
+class TeacherConfig:
+    """`teacher`: a registry name (`teachers.list_teachers()`) and `CaptionerConfig` fields (null: default)."""
+
+    name: str = MISSING
+    cross_attn: CrossAttn | None = MISSING
+    directions: int | None = key(ge=1, le=2)
+    pretrained_path: str | None = MISSING
+
+
+@dataclass
+class StudentConfig:
+    """`student`: a registry name (`students.list_students()`) and `DualEncoderConfig` fields (null: default)."""
+
+    name: str = MISSING
+    embed_dim: int | None = key(ge=1)
+    image_global_pool: str | None = MISSING  # timm's pool names (avg, token, ...) or flatten: timm checks them
+    text_pool: TextPool | None = MISSING
+    video_pool: VideoPool | None = MISSING
+    video_frame_diff: bool | None = MISSING
+    image_pretrained_path: str | None = MISSING
+    text_pretrained_path: str | None = MISSING
+
+
+@dataclass
+class LossConfig:
+    """`loss`: read by tools/distill.py (fastslow.distill.DistillObjective, fastslow.losses)."""
+
+    contrastive_weight: float = key(ge=0)
+    distill: Distill = MISSING
+    distill_weight: float = key(ge=0)
+    teacher_norm: TeacherNorm = MISSING
+    teacher_temperature: float = key(gt=0)
+    student_temperature: float | None = key(gt=0)
+    group_size: int = key(ge=2)  # an anchor and at least one neighbour
+    mine_start: int = key(ge=0)
+    denoise_margin: float | None = key(ge=0)
+    margin_mse_weight: float = key(ge=0)
+    swaps: int = key(ge=0)
+    swap_rows: int | None = key(ge=1)
+    swap_similarity: float | None = key(ge=-1, le=1)  # a cosine similarity
+    swap_weight: float = key(ge=0)
+    oracle: bool = MISSING
+    inbatch_rows: int | None = key(ge=1)
+    listwise_k: int = key(ge=1)
+    mine_every: int = key(ge=1)
+    listwise_fresh_positive: bool = MISSING
+
+
+@dataclass
+class TrainSection:
+    """`train` and `teacher_train`: the fields of `fastslow.trainer.TrainConfig`."""
+
+    max_steps: int = key(ge=1)
+    batch_size: int = key(ge=1)  # per process, per micro-step
+    lr: float = key(gt=0)
+    weight_decay: float = key(ge=0)
+    warmup_steps: int = key(ge=0)
+    grad_accum: int = key(ge=1)
+    clip_grad: float = key(ge=0)  # 0 disables clipping
+    save_every: int = key(ge=1)
+    keep_last: int = key(ge=1)
+    resume: str = MISSING  # auto | none | an existing checkpoint directory (checked by the loader)
+    log_every: int = key(ge=1)
+    eval_every: int = key(ge=0)  # 0: only at the end
+
+
+@dataclass
+class IndexConfig:
+    kind: IndexKind = MISSING
+    nlist: int | None = key(ge=1)
+    nprobe: int = key(ge=1)
+    pq_m: int = key(ge=1)
+    hnsw_m: int = key(ge=2)
+    ef_search: int = key(ge=1)
+    batch_size: int = key(ge=1)
+
+
+@dataclass
+class CombinerConfig:
+    mode: CombinerMode = MISSING
+    k: int = key(ge=1)
+    alpha: float | None = key(ge=0, le=1)  # teacher weight of fuse; null: tuned on val
+    adaptive_margin: float | None = key(ge=0)
+    adaptive_k_min: int = key(ge=1)
+
+
+@dataclass
+class EvalConfig:
+    split: Split = MISSING
+    k: list[int] = key(ge=1)  # every depth >= 1, at least one
+    max_gallery: int = key(ge=0)
+    text_batch: int = key(ge=1)
+    latency_queries: int = key(ge=1)
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe: `recipes/base.yaml` merged under `recipes/NAME.yaml`."""
+
+    recipe: str = MISSING
+    output_dir: str = MISSING
+    seed: int = key(ge=0)
+    num_threads: int = key(ge=0)  # 0: cores / processes
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    teacher_train: TrainSection = field(default_factory=TrainSection)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    combiner: CombinerConfig = field(default_factory=CombinerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------- data.generate, per generated dataset
+# The keyword arguments of fastslow.data.shapes.generate_shapes / generate_shapes_video, with their
+# defaults (a recipe sets any subset); a test binds names, types and defaults to the signatures.
+@dataclass
+class ShapesGenerate:
+    seed: int = key(0, ge=0)
+    n_train: int = key(6000, ge=1)
+    n_val_groups: int = key(50, ge=1)
+    n_test_groups: int = key(100, ge=1)
+    group_size: int = key(4, ge=1)
+    image_size: int = key(64, ge=8)
+    captions_per_image: int = key(5, ge=1)
+    test_captions_per_image: int = key(2, ge=1)
+    partial_caption_frac: float = key(0.4, ge=0, le=1)
+    train_minimal_pairs: bool = False
+    n_objects: list[int] = key(default_factory=lambda: [2, 4], ge=1)
+    noise: float = key(0.0, ge=0)
+
+
+@dataclass
+class ShapesVideoGenerate:
+    seed: int = key(0, ge=0)
+    n_train: int = key(4000, ge=1)
+    n_val_groups: int = key(25, ge=1)
+    n_test_groups: int = key(50, ge=1)
+    group_size: int = key(4, ge=1)
+    n_frames: list[int] = key(default_factory=lambda: [8, 16], ge=1)
+    feature_dim: int = key(256, ge=1)
+    frame_size: int = key(32, ge=4)
+    partial_caption_frac: float = key(0.5, ge=0, le=1)
+    two_object_frac: float = key(0.5, ge=0, le=1)
+    train_minimal_pairs: bool = False
+    noise: float = key(2.0, ge=0)
+
+
+GENERATORS: dict[str, type] = {"shapes": ShapesGenerate, "shapes_video": ShapesVideoGenerate}
