@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fastslow import schema
+from fastslow.artefacts import atomic_write_text
 
 RECIPE_DIR = Path(os.environ.get("FASTSLOW_RECIPES", Path(__file__).resolve().parents[1] / "recipes"))
 DEFAULT_RECIPE = "shapes"
@@ -493,9 +494,7 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config next to a run (atomically), so the run can be rebuilt without the recipe."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def load_saved_config(path: str | os.PathLike) -> DictConfig:
