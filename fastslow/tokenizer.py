@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,6 +79,7 @@ class TextTokenizer:
         tokenizer.enable_padding(pad_id=self._pad_id, pad_token=pad_token)  # to the longest row of each batch
         tokenizer.no_truncation()
         self._max_length: int | None = None
+        self.truncated_texts = 0  # texts cut at max_length by encode(), over this tokenizer's life
 
     # ------------------------------------------------------------------------------------- properties
 
@@ -131,9 +133,27 @@ class TextTokenizer:
         # Parallel, in Rust; the _fast variant (tokenizers >= 0.21) skips the character offsets we never use.
         encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         encodings = encode_batch(texts)
+        cut = sum(1 for e in encodings if e.overflowing)
+        if cut:
+            # Said once per tokenizer, then counted: a 10,000-word caption must not be cut silently, and a
+            # corpus with many long captions must not print a line per batch.
+            if not self.truncated_texts:
+                warnings.warn(
+                    f"{cut} text(s) longer than max_length={max_length} tokens (BOS and EOS included) were cut "
+                    "to their first words; further cuts are counted in TextTokenizer.truncated_texts. Raise "
+                    "data.max_length to keep them whole.",
+                    stacklevel=2,
+                )
+            self.truncated_texts += cut
         input_ids = torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64))
         attention_mask = torch.from_numpy(np.array([e.attention_mask for e in encodings], dtype=np.int64))
         return input_ids, attention_mask
+
+    def empty_texts(self, texts: Sequence[str], max_length: int) -> list[int]:
+        """Indices of the texts that encode to no token but BOS and EOS (empty, blank, zero-width characters):
+        a query made of them has no content, and ranking the gallery for it would answer nothing asked."""
+        _, mask = self.encode(list(texts), max_length)
+        return [i for i, n in enumerate(mask.sum(1).tolist()) if n <= 2]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Turn one row of ids back into text.

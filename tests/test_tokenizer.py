@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -254,3 +255,21 @@ def test_min_frequency_keeps_rare_words_out():
     vocab = tok.tokenizer.get_vocab()
     assert "red" in vocab and "circle" not in vocab
     assert tok.unk_id not in tok.encode(["circle"], 16)[0][0].tolist()
+
+
+def test_truncation_is_said_once_and_counted():
+    tok = train_tokenizer(shapes_captions(), vocab_size=8000)  # its own instance: the count is per tokenizer
+    long = " ".join(["red circle"] * 5000)  # a 10,000-word caption
+    with pytest.warns(UserWarning, match="max_length=8"):
+        tok.encode([long, "a red circle"], 8)
+    assert tok.truncated_texts == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second cut is counted, not said again
+        tok.encode([long, long], 8)
+    assert tok.truncated_texts == 3
+    tok.encode(["a red circle"], 8)
+    assert tok.truncated_texts == 3
+
+
+def test_empty_texts_are_found(tok):
+    assert tok.empty_texts(["a red circle", "", "\u200b", "   ", "circle"], 16) == [1, 2, 3]

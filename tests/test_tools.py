@@ -94,6 +94,8 @@ def test_search_prints_ranked_results_and_html(smoke_run, tmp_path):
     assert page.read_text().count("<figure>") == 3
     bad = tool("search.py", *args, "query=   ", check=False)
     assert bad.returncode == 2 and "empty" in bad.stderr
+    invisible = tool("search.py", *args, "query=\u200b", check=False)  # a zero-width space: no word at all
+    assert invisible.returncode == 2 and "no words the tokenizer knows" in invisible.stderr
     big = tool("search.py", *args, "query=a circle", "k=1000")
     assert "larger than the gallery" in big.stderr
 

@@ -90,6 +90,10 @@ def main(argv=None) -> None:
     except ValueError:
         raise ConfigError(f"k={own['k']!r} is not a whole number") from None
     ml = cfg.data.max_length
+    empty = tok.empty_texts(own["query"], ml)
+    if empty:
+        shown = ", ".join(repr(own["query"][i]) for i in empty)
+        raise ConfigError(f"query {shown} has no words the tokenizer knows (empty or only invisible characters)")
     scorer = StoreTeacherScorer(teacher, TokenStore.open(idx_dir / "tokens"), tok, ml)
     comb = Combiner(
         lambda q: encode_texts_student(student, tok, q, max_length=ml),
