@@ -34,6 +34,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "commit_dir",
+    "file_hash",
     "file_sha256",
     "fsync_dir",
     "fsync_tree",
@@ -132,13 +133,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> 
     return atomic_write(path, lambda f: json.dump(obj, f, **json_kwargs), "w")
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+def file_hash(path: str | os.PathLike, length: int = 16, block_size: int = 1 << 20) -> str:
+    """Short sha256 of a file's bytes, read in blocks so that multi-GB checkpoints do not load into memory."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        for block in iter(lambda: f.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The full hex sha256 of a file's bytes (what manifests record)."""
+    return file_hash(path, 64)
 
 
 def _files(directory: Path) -> list[str]:

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from fastslow.artefacts import atomic_path, atomic_write, atomic_write_json
+from fastslow.artefacts import atomic_path, atomic_write, atomic_write_json, file_hash
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 # Faiss prints a warning below this many training points per k-means centroid (Clustering.cpp); we stay above it.
@@ -61,15 +61,6 @@ def hash_ids(ids: Iterable[Any], length: int = 16) -> str:
     """
     payload = json.dumps([str(i) for i in ids], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(payload).hexdigest()[:length]
-
-
-def file_hash(path: str | os.PathLike, length: int = 16, block_size: int = 1 << 20) -> str:
-    """Short sha256 of a file's bytes, read in blocks so that multi-GB checkpoints do not load into memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(block_size), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
 
 
 def dir_weights_hash(path: str | os.PathLike, length: int = 16) -> str:

@@ -176,7 +176,7 @@ def build_student(cfg: DictConfig, tokenizer: TextTokenizer) -> torch.nn.Module:
 
 def weights_hash(path: str | os.PathLike) -> str:
     """Short sha256 of a weights file: stamps caches and indexes with the model that made them."""
-    from fastslow.index import file_hash
+    from fastslow.artefacts import file_hash
 
     return file_hash(path)
 

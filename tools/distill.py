@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     from accelerate.utils import set_seed
 
     from fastslow import stages
+    from fastslow.artefacts import file_hash
     from fastslow.config import ConfigError, to_kwargs
     from fastslow.data import PairDataset, collate
     from fastslow.distill import (
@@ -39,7 +40,6 @@ def main(argv=None) -> None:
         split_hash,
     )
     from fastslow.evaluation import evaluate_student
-    from fastslow.index import file_hash
     from fastslow.score_cache import TeacherScoreCache
     from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 
