@@ -125,7 +125,8 @@ class StudentConfig:
 
     name: str = MISSING
     embed_dim: int | None = key(ge=1)
-    image_global_pool: str | None = MISSING  # timm's pool names (avg, token, ...) or flatten: timm checks them
+    image_global_pool: str | None = MISSING  # timm's pool names (avg, token, ...), flatten or attn: timm checks them
+    image_output_stride: int | None = key(ge=8, le=32)
     text_pool: TextPool | None = MISSING
     video_pool: VideoPool | None = MISSING
     video_frame_diff: bool | None = MISSING

@@ -232,6 +232,30 @@ def test_flatten_pooling_keeps_the_layout():
     assert tower.proj.weight.grad is not None and tower.proj.weight.grad.abs().sum() > 0
 
 
+def test_attention_pool_sees_where_features_are():
+    """image_global_pool="attn": a map and its mirror image pool to different embeddings (a mean cannot)."""
+    torch.manual_seed(0)
+    student = create_student("dual_encoder_tiny", modality="image", image_size=64, image_global_pool="attn")
+    pool = student.visual.attn_pool
+    fmap = student.visual.backbone(torch.randn(2, 3, 64, 64))
+    assert fmap.ndim == 4 and fmap.shape[-1] > 1  # a map with a layout, else the test says nothing
+    mirror = fmap.flip(-1)
+    assert torch.allclose(fmap.mean((2, 3)), mirror.mean((2, 3)))  # what average pooling would see: the same
+    assert not torch.allclose(pool(fmap), pool(mirror), atol=1e-4)
+    emb = student.encode_image(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 32)
+    emb.sum().backward()
+    assert pool.pos_embed.grad is not None and pool.pos_embed.grad.abs().sum() > 0
+
+
+def test_output_stride_gives_a_finer_final_map():
+    coarse = create_student("dual_encoder_small", modality="image").visual.backbone
+    fine = create_student("dual_encoder_small", modality="image", image_output_stride=16).visual.backbone
+    x = torch.zeros(1, 3, 64, 64)
+    assert coarse.forward_features(x).shape[-2:] == (2, 2)
+    assert fine.forward_features(x).shape[-2:] == (4, 4)
+
+
 def test_frame_diff_input_is_the_motion_between_real_frames():
     """video_frame_diff: the input projection reads [x_t, x_t - x_{t-1}], zero at t=0 and on padding."""
     torch.manual_seed(0)
