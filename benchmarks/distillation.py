@@ -52,6 +52,10 @@ CONFIGS: dict[str, list[str]] = {
     "group-learnedtau": ["loss.distill=group", "loss.student_temperature=null"],
     "group-random": ["loss.distill=group", "loss.mine_start=1000000000"],  # teacher KL over random groups
     "group-mse": ["loss.distill=group", "loss.margin_mse_weight=0.1"],
+    # The recipe's swaps with the generator's ground truth as targets (shapes images): the student's ceiling.
+    "oracle": ["loss.oracle=true"],
+    "swap-inbatch": ["loss.distill=inbatch", "loss.inbatch_rows=32"],  # + in-batch KL on the swap rows
+    "swap-all": ["loss.swap_rows=null"],  # swaps for every row of the batch, not half
 }  # fmt: skip
 
 

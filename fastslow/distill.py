@@ -144,12 +144,21 @@ class OracleScorer:
         penalty: score of a caption that does not fit (the KL target puts ~exp(-penalty) on it).
     """
 
-    def __init__(self, truth, penalty: float = 20.0):
-        self.truth, self.penalty = truth, penalty
+    def __init__(self, truth, penalty: float = 20.0, tokenizer: TextTokenizer | None = None):
+        self.truth, self.penalty, self.tokenizer = truth, penalty, tokenizer
+
+    def _scores(self, fits) -> torch.Tensor:
+        return torch.where(torch.from_numpy(fits), 0.0, -self.penalty).float()
 
     def __call__(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        fits = self.truth.fits(torch.as_tensor(text_idx).tolist(), torch.as_tensor(item_idx).tolist())
-        return torch.where(torch.from_numpy(fits), 0.0, -self.penalty).float()
+        return self._scores(self.truth.fits(torch.as_tensor(text_idx).tolist(), torch.as_tensor(item_idx).tolist()))
+
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """Texts outside the split (swapped captions): decoded, parsed, and checked against the item's scene."""
+        if self.tokenizer is None:
+            raise RuntimeError("OracleScorer.score_ids needs the tokenizer that encoded the ids (tokenizer=...)")
+        texts = self.tokenizer.decode_batch(torch.where(attention_mask.bool(), input_ids, self.tokenizer.pad_id))
+        return self._scores(self.truth.fits_text(texts, torch.as_tensor(item_idx).tolist()))
 
     def block(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         t, i = torch.as_tensor(text_idx), torch.as_tensor(item_idx)

@@ -6,6 +6,7 @@ and the InfoNCE + KL objective. Tiny real models (random weights) on a tiny gene
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -544,6 +545,42 @@ def test_oracle_scores_each_caption_true_of_its_own_item_and_not_of_most_others(
     # Partial captions fit other scenes too, full ones mostly do not: some but not all off-diagonal pairs fit.
     fits_other = (block == 0).sum().item() - train.n_texts
     assert 0 < fits_other < train.n_texts * (train.n_items - 1) / 2
+
+
+def test_oracle_judges_swapped_captions_by_their_words(data, data_dir):
+    """The oracle's swap targets: a swapped caption is parsed and checked against the scene, not looked up."""
+    from fastslow.data.shapes import GroundTruth, caption_fits, parse_caption
+    from fastslow.distill import OracleScorer
+
+    train, _, tok = data
+    truth = GroundTruth(f"{data_dir}/shapes_meta.json", train.item_ids, train.text_to_visual)
+    oracle = OracleScorer(truth, penalty=20.0, tokenizer=tok)
+    scene = truth.scenes[0]
+    a = scene["objects"][0]
+    true_text = f"a {a['size']} {a['color']} {a['shape']}"
+    wrong_size = f"a {'small' if a['size'] == 'large' else 'large'} {a['color']} {a['shape']}"
+    texts = [true_text, wrong_size, "a red small circle"]  # the last one is outside the grammar: true of nothing
+    ids, mask = tok.encode(texts, MAX_LEN)
+    got = oracle.score_ids(ids, mask, torch.zeros(len(texts), dtype=torch.long))
+    assert got[0] == 0.0 and got[2] == -20.0
+    # wrong_size is false unless another object of that colour and shape has the other size
+    other = [o for o in scene["objects"] if o is not a and (o["color"], o["shape"]) == (a["color"], a["shape"])]
+    assert (got[1] == 0.0) == any(o["size"] != a["size"] for o in other)
+    assert (got[1] == 0.0) == caption_fits(parse_caption(wrong_size), scene)
+
+
+def test_parse_caption_inverts_every_generated_caption(data_dir):
+    import json
+
+    from fastslow.data.shapes import canonicalize, caption_text, parse_caption
+
+    meta = json.loads(Path(f"{data_dir}/shapes_meta.json").read_text())
+    specs = [c["spec"] for e in meta["images"] for c in e["captions"]]
+    assert len(specs) > 40
+    for spec in specs:
+        assert canonicalize(parse_caption(caption_text(spec))) == canonicalize(spec), caption_text(spec)
+    for text in ("a red small circle", "a shape", "an small circle", "a small red circle left of", "", "a blue"):
+        assert parse_caption(text) is None, text
 
 
 def test_swap_negatives_are_scored_by_the_teacher_against_the_captions_own_item(data, scorer, student):

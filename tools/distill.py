@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         if cfg.data.dataset not in ("shapes", "shapes_video"):
             raise ConfigError(f"loss.oracle=true needs the built-in shapes data, not data.dataset={cfg.data.dataset}")
         meta = Path(cfg.data.root) / ("shapes_meta.json" if cfg.data.dataset == "shapes" else "shapes_video_meta.json")
-        scorer = OracleScorer(GroundTruth(meta, train.item_ids, train.text_to_visual))
+        scorer = OracleScorer(GroundTruth(meta, train.item_ids, train.text_to_visual), tokenizer=tok)
         cache = None  # cheap, and never to be mixed with a teacher's scores
     elif mode != "none":
         teacher, _, teacher_tok = stages.load_trained(teacher_dir, "teacher")

@@ -242,6 +242,43 @@ def caption_text(spec: Spec) -> str:
     return f"{text} {_REL_TEXT[spec['rel']]} {_desc_text(spec['b'])}"
 
 
+def _parse_desc(words: list[str]) -> Desc | None:
+    if words == ["something"]:
+        return {k: None for k in ATTRS}
+    if len(words) < 2 or words[0] != ("an" if words[1][0] in "aeiou" else "a"):
+        return None
+    words, desc = words[1:], {k: None for k in ATTRS}
+    if words[-1] != "shape":
+        desc["shape"] = words[-1]
+        if desc["shape"] not in SHAPES:
+            return None
+    rest = words[:-1]
+    if rest and rest[0] in SIZES:
+        desc["size"], rest = rest[0], rest[1:]
+    if rest and rest[0] in COLORS:
+        desc["color"], rest = rest[0], rest[1:]
+    if rest or (words[-1] == "shape" and desc["size"] is None and desc["color"] is None):
+        return None  # words out of order ("a red small circle") or a bare "a shape": never generated
+    return desc
+
+
+def parse_caption(text: str) -> Spec | None:
+    """The spec of an image caption written by :func:`caption_text`, or None when ``text`` is not one.
+
+    Used to judge texts the generator never wrote (a caption with two words swapped, as the distillation's
+    oracle does): a string outside the caption grammar is true of no scene.
+    """
+    words = text.split()
+    for rel, phrase in _REL_TEXT.items():
+        rel_words = phrase.split()
+        for i in range(1, len(words) - len(rel_words) + 1):
+            if words[i : i + len(rel_words)] == rel_words:
+                a, b = _parse_desc(words[:i]), _parse_desc(words[i + len(rel_words) :])
+                return None if a is None or b is None else {"a": a, "rel": rel, "b": b}
+    desc = _parse_desc(words)
+    return None if desc is None else {"a": desc, "rel": None, "b": None}
+
+
 def _obj_type(obj: dict[str, Any]) -> tuple[str, str, str]:
     return (obj["size"], obj["color"], obj["shape"])
 
@@ -1266,3 +1303,12 @@ class GroundTruth:
         """[P] bool: caption text_idx[p] is true of item item_idx[p]."""
         check = video_caption_fits if self.video else caption_fits
         return np.array([check(self.specs[t], self.scenes[i]) for t, i in zip(text_idx, item_idx)], dtype=bool)
+
+    def fits_text(self, texts: Sequence[str], item_idx: Sequence[int]) -> np.ndarray:
+        """[P] bool: the written caption texts[p] (which need not be in the split) is true of item item_idx[p]."""
+        if self.video:
+            raise NotImplementedError("judging free text needs a caption parser; only image captions have one "
+                                      "(fastslow.data.shapes.parse_caption): run loss.oracle with recipe=shapes")
+        specs = [parse_caption(t) for t in texts]
+        return np.array([s is not None and caption_fits(s, self.scenes[i]) for s, i in zip(specs, item_idx)],
+                        dtype=bool)
