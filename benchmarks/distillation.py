@@ -21,10 +21,15 @@ Writes ${output_dir}/bench/distillation.json:
 and prints a Markdown table: per config, mean ± sample std over seeds, and the share of the
 (teacher - plain) gap closed, computed per seed against that seed's plain run and then averaged.
 `jobs=2` runs two trainings at once with one thread each (wall times are then per-job, contended).
+
+An interrupted or extended benchmark keeps what it measured: a row of an earlier distillation.json is reused
+when it was trained against the same teacher weights with the same command-line overrides (so `seeds=0`
+now and `seeds=0,1,2` later trains seed 0 once); `rerun=true` trains everything again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -90,7 +95,8 @@ def mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    own, overrides = split_own(sys.argv[1:], {"seeds": "0,1,2", "configs": "none,recipe", "jobs": "1"})
+    defaults = {"seeds": "0,1,2", "configs": "none,recipe", "jobs": "1", "rerun": "false"}
+    own, overrides = split_own(sys.argv[1:], defaults)
     # Compatibility with the first version of this script: modes=none,inbatch means configs of those names.
     own_modes, overrides = split_own(overrides, {"modes": ""})
     configs = (own_modes["modes"] or own["configs"]).split(",")
@@ -117,15 +123,26 @@ def main() -> None:
     test, load_visual = stages.load_split(cfg, "test"), stages.visual_loader(cfg)
     teacher, _, tok = stages.load_trained(base / "teacher", "teacher")
     teacher_metrics = evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)
+    teacher_hash = stages.weights_hash(base / "teacher" / "model.safetensors")
     del teacher
 
-    todo = [(c, s) for s in seeds for c in configs]
-    running: list[tuple[str, int, Path, subprocess.Popen]] = []
-    runs = []
     out = base / "bench" / "distillation.json"
+    earlier = {}
+    if out.is_file() and own["rerun"] != "true":
+        old = json.loads(out.read_text())
+        if old.get("teacher_hash") == teacher_hash:
+            for r in old["runs"]:
+                trained = base / "bench" / f"distill_{r['mode']}_s{r['seed']}" / "student" / "model.safetensors"
+                if r.get("command_overrides") == overrides and r["mode"] in configs and trained.is_file():
+                    earlier[(r["mode"], r["seed"])] = r
+    runs = [earlier[(c, s)] for s in seeds for c in configs if (c, s) in earlier]
+    if runs:
+        print(f"reusing {len(runs)} run(s) of {out} (same teacher, same overrides; rerun=true to retrain)")
+    todo = [(c, s) for s in seeds for c in configs if (c, s) not in earlier]
+    running: list[tuple[str, int, Path, subprocess.Popen]] = []
 
     def write() -> None:
-        atomic_write_json(out, {"teacher": teacher_metrics, "runs": runs}, indent=1)
+        atomic_write_json(out, {"teacher": teacher_metrics, "teacher_hash": teacher_hash, "runs": runs}, indent=1)
 
     def reap(entry) -> None:
         config, seed, d, proc = entry
@@ -140,7 +157,7 @@ def main() -> None:
         runs.append({
             "seed": seed, "mode": config, "t2v_R@1": m["t2v_R@1"], "t2v_R@5": m["t2v_R@5"],
             "t2v_R@10": m["t2v_R@10"], "train_seconds": round(secs, 1), "teacher_pairs_scored": scored or 0,
-            "cache_hits": hits or 0, "overrides": CONFIGS[config],
+            "cache_hits": hits or 0, "overrides": CONFIGS[config], "command_overrides": overrides,
         })  # fmt: skip
         print(f"  {config} seed {seed}: t2v R@1 {m['t2v_R@1']:.1f} ({secs:.0f} s)", flush=True)
         write()  # after every run: an interrupted benchmark keeps what it measured

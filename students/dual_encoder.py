@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from timm.layers import AttentionPool2d
 import torch
 import torch.nn.functional as F
+from timm.layers import AttentionPool2d
 from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel
 
@@ -124,8 +124,10 @@ class ImageTower(nn.Module):
                 probe = self.backbone.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
             self.backbone.train(was_training)
             if probe.ndim != 4:
-                raise ValueError(f"image_global_pool={self.pool!r} needs a CNN feature map; {cfg.image_backbone} "
-                                 f"returns {tuple(probe.shape)}")
+                raise ValueError(
+                    f"image_global_pool={self.pool!r} needs a CNN feature map; {cfg.image_backbone} "
+                    f"returns {tuple(probe.shape)}"
+                )
             if self.pool == "flatten":
                 width = probe.flatten(1).shape[1]
             else:
