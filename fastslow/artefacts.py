@@ -241,7 +241,12 @@ def stamp_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> 
 
 
 def check_fields(
-    saved: Mapping[str, Any], expected: Mapping[str, Any], *, path: str | os.PathLike, rebuild: str
+    saved: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    path: str | os.PathLike,
+    rebuild: str,
+    error: type[StaleArtefactError] = StaleArtefactError,
 ) -> None:
     """Raise `StaleArtefactError` when the fields ``saved`` with the artefact at ``path`` differ from ``expected``.
 
@@ -250,6 +255,7 @@ def check_fields(
         expected: what the current run needs, e.g. ``{"gallery_hash": index_manifest["gallery_hash"]}``.
         path: the artefact, named in the message.
         rebuild: the command that rebuilds it, e.g. ``"python tools/build_index.py recipe=shapes"``.
+        error: the subclass of `StaleArtefactError` to raise (e.g. the score cache's own).
 
     Raises:
         StaleArtefactError: the message lists every differing field (saved vs now) and ``rebuild``.
@@ -257,7 +263,7 @@ def check_fields(
     differences = stamp_differences(saved, expected)
     if differences:
         lines = "\n".join(f"  {key}: saved {old!r}, now {new!r}" for key, (old, new) in differences.items())
-        raise StaleArtefactError(
+        raise error(
             f"{path} was built from other inputs than this run ({', '.join(differences)} differ):\n{lines}\n"
             f"to rebuild it: {rebuild}",
             path=path,
