@@ -36,6 +36,8 @@ def write_html(path, queries, results, split) -> None:
     import html
     from pathlib import Path
 
+    from fastslow.artefacts import atomic_write_text
+
     parts = [
         "<!doctype html><meta charset='utf-8'><title>fastslow search</title>",
         "<style>body{font-family:sans-serif} figure{display:inline-block;margin:4px;text-align:center;"
@@ -55,7 +57,7 @@ def write_html(path, queries, results, split) -> None:
                 f"student {h.student_score:.3f} · teacher {teacher}</figcaption></figure>"
             )
         parts.append("</div>")
-    Path(path).write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))  # a page being rewritten is never seen half-written
 
 
 def main(argv=None) -> None:
