@@ -5,9 +5,11 @@
     accelerate launch --num_processes 4 tools/build_index.py recipe=coco ...   # gallery encoding sharded across ranks
 
 The gallery is the items of the `eval.split` split. Writes ${output_dir}/index/: index.faiss and
-manifest.json (student hash, item ids, kind), embeddings.npy (exact reference), and tokens/ (the
-teacher's visual tokens, memory-mapped fp16, stamped with the teacher hash) so reranking never runs
-the teacher's backbone. Gallery encoding is resumable (chunks under index/student_chunks/).
+manifest.json (student hash, item ids, kind), embeddings.npy (exact reference) with
+embeddings.stamp.json, and tokens/ (the teacher's visual tokens, memory-mapped fp16) so reranking never
+runs the teacher's backbone. Each is stamped with what it was built from (student or teacher weights
+hash, gallery hash, image size or clip length), which rerank_eval.py and search.py check. Gallery
+encoding is resumable (chunks under index/student_chunks/).
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
@@ -30,7 +32,7 @@ def main(argv=None) -> None:
     from fastslow import stages
     from fastslow.data import VisualDataset, collate
     from fastslow.evaluation import iter_items, visual_args
-    from fastslow.index import build_index, hash_ids, index_info, save_index
+    from fastslow.index import build_index, hash_ids, index_info, save_embeddings, save_index
     from teachers import TokenStore
 
     acc = Accelerator()
@@ -44,6 +46,7 @@ def main(argv=None) -> None:
     split = stages.load_split(cfg, cfg.eval.split)
     load_visual = stages.visual_loader(cfg)
     student.to(acc.device)
+    gallery_hash, visual = hash_ids(split.item_ids), stages.visual_stamp(cfg)
 
     # Student embeddings: each process encodes its share of the gallery, gathered in item order.
     from fastslow.index import encode_gallery
@@ -55,7 +58,8 @@ def main(argv=None) -> None:
         acc.prepare(loader),
         accelerator=acc,
         out_path=out / "student_chunks",
-        stamp={"student_hash": student_hash, "gallery_hash": hash_ids(split.item_ids)},
+        # The image size is part of the key: chunks encoded at another size must not be resumed from.
+        stamp={"student_hash": student_hash, "gallery_hash": gallery_hash, **visual},
     )
     t_student = time.perf_counter() - t0
     if acc.is_main_process:
@@ -80,9 +84,10 @@ def main(argv=None) -> None:
                 "teacher_hash": teacher_hash,
                 "split": split.name,
                 "item_paths": split.item_paths,
+                **visual,
             },
         )
-        np.save(out / "embeddings.npy", emb.astype(np.float32))
+        save_embeddings(out, emb, {"student_hash": student_hash, "gallery_hash": gallery_hash, **visual})
 
         # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
         t0 = time.perf_counter()
@@ -92,14 +97,16 @@ def main(argv=None) -> None:
                 teacher.encode_visual(*args).to(device="cpu")
                 for _, args in iter_items(split, load_visual, cfg.index.batch_size, acc.device)
             )
-            store = TokenStore.write(
+            TokenStore.write(
                 out / "tokens",
                 split.item_ids,
                 chunks,
-                meta={"teacher_hash": teacher_hash, "gallery_hash": hash_ids(split.item_ids)},
+                meta={"teacher_hash": teacher_hash, "gallery_hash": gallery_hash, **visual},
                 overwrite=True,
             )
         t_tokens = time.perf_counter() - t0
+        # What rerank_eval.py and search.py will check: the tokens on disk belong to the index just written.
+        store = stages.open_gallery_tokens(cfg, {"gallery_hash": gallery_hash}, teacher_hash)
         info = index_info(index)
         print(
             f"index {info['kind']} {info['params']} over {split.n_items} items of {split.name} -> {out}\n"
