@@ -138,7 +138,9 @@ def main() -> None:
     runs = [earlier[(c, s)] for s in seeds for c in configs if (c, s) in earlier]
     if runs:
         print(f"reusing {len(runs)} run(s) of {out} (same teacher, same overrides; rerun=true to retrain)")
-    todo = [(c, s) for s in seeds for c in configs if (c, s) not in earlier]
+    # Distilled runs first: they take ~2x a plain one, so two slots stay busy instead of one long run ending alone.
+    todo = [(c, s) for c in configs for s in seeds if (c, s) not in earlier]
+    todo.sort(key=lambda cs: cs[0] == "none")
     running: list[tuple[str, int, Path, subprocess.Popen]] = []
 
     def write() -> None:
