@@ -24,7 +24,8 @@ and prints a Markdown table: per config, mean ± sample std over seeds, and the 
 
 An interrupted or extended benchmark keeps what it measured: a row of an earlier distillation.json is reused
 when it was trained against the same teacher weights with the same command-line overrides (so `seeds=0`
-now and `seeds=0,1,2` later trains seed 0 once); `rerun=true` trains everything again.
+now and `seeds=0,1,2` later trains seed 0 once), and rows of other configs or seeds stay in the file;
+`rerun=true` trains everything again.
 """
 
 from __future__ import annotations
@@ -127,10 +128,12 @@ def main() -> None:
     del teacher
 
     out = base / "bench" / "distillation.json"
-    earlier = {}
+    earlier, others = {}, []
     if out.is_file() and own["rerun"] != "true":
         old = json.loads(out.read_text())
         if old.get("teacher_hash") == teacher_hash:
+            # Rows of configs/seeds this invocation does not train stay in the file: extending never loses a run.
+            others = [r for r in old["runs"] if r["mode"] not in configs or r["seed"] not in seeds]
             for r in old["runs"]:
                 trained = base / "bench" / f"distill_{r['mode']}_s{r['seed']}" / "student" / "model.safetensors"
                 if r.get("command_overrides") == overrides and r["mode"] in configs and trained.is_file():
@@ -144,7 +147,8 @@ def main() -> None:
     running: list[tuple[str, int, Path, subprocess.Popen]] = []
 
     def write() -> None:
-        atomic_write_json(out, {"teacher": teacher_metrics, "teacher_hash": teacher_hash, "runs": runs}, indent=1)
+        doc = {"teacher": teacher_metrics, "teacher_hash": teacher_hash, "runs": others + runs}
+        atomic_write_json(out, doc, indent=1)
 
     def reap(entry) -> None:
         config, seed, d, proc = entry
