@@ -62,6 +62,8 @@ CONFIGS: dict[str, list[str]] = {
     "oracle": ["loss.oracle=true"],
     "swap-inbatch": ["loss.distill=inbatch", "loss.inbatch_rows=32"],  # + in-batch KL on the swap rows
     "swap-all": ["loss.swap_rows=null"],  # swaps for every row of the batch, not half
+    "swap-all-w2": ["loss.swap_rows=null", "loss.swap_weight=2.0"],
+    "oracle-all": ["loss.oracle=true", "loss.swap_rows=null"],  # the ceiling of swap-all's targets
 }  # fmt: skip
 
 
