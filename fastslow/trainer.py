@@ -760,9 +760,10 @@ class Trainer:
         if counts:
             total = sum(counts.values())
             parts = ", ".join(f"{n} x {reason}" for reason, n in sorted(counts.items()))
-            where = " (this process; all are summed at checkpoints)" if self.accelerator.num_processes > 1 else ""
+            many = self.accelerator.num_processes > 1
+            where = " on this process (data.on_error=skip; summed over processes at checkpoints)" if many else ""
             self.accelerator.print(
-                f"epoch {epoch}: {total} samples skipped so far{where} (data.on_error=skip): {parts}"
+                f"epoch {epoch}: {total} samples skipped so far{where or ' (data.on_error=skip)'}: {parts}"
             )
 
     def _sync_skips(self) -> None:
