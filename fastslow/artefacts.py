@@ -12,6 +12,14 @@ A directory artefact (a checkpoint, a token store) is built in a temporary direc
 fsynced, then `write_manifest` records each file's size and sha256 in ``manifest.json``, the commit marker,
 written last; `verify_manifest` lists what differs. A reader that checks the manifest before it opens
 anything never trusts a file that was truncated, swapped or planted after the manifest was written.
+
+What an artefact was built from (weights hashes, gallery hash, tokenizer, max_length, image size, recipe keys) is
+its *stamp*. A file artefact ``x.ext`` gets ``x.stamp.json`` beside it (`write_stamp`, or ``stamp=`` on any writer
+here), holding those fields and the hash of the file it describes, so a file swapped or replaced after it was
+stamped (or a crash between the two renames) is caught too. A directory artefact keeps its fields in its own
+commit marker (the index manifest, the token store's ``meta.json``) and checks them with `check_fields`. Every
+reader checks, through `check_stamp` / `check_fields`, and a mismatch raises `StaleArtefactError` listing each
+field that differs (saved vs now) and the command that rebuilds the artefact.
 """
 
 from __future__ import annotations
@@ -22,29 +30,51 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from fastslow.errors import StaleArtefactError
+
 __all__ = [
     "MANIFEST",
+    "NOT_SAVED",
+    "STAMP_SUFFIX",
     "atomic_path",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_fields",
+    "check_stamp",
     "commit_dir",
     "file_hash",
     "file_sha256",
     "fsync_dir",
     "fsync_tree",
     "read_manifest",
+    "read_stamp",
+    "stamp_differences",
+    "stamp_path",
     "verify_manifest",
     "write_manifest",
+    "write_stamp",
 ]
 
 MANIFEST = "manifest.json"
 _MANIFEST_FORMAT = "fastslow-manifest"
+STAMP_SUFFIX = ".stamp.json"
+_STAMP_FORMAT = "fastslow-stamp"
+
+
+class _NotSaved:
+    """The saved value of a field an older stamp does not have; shown as such in messages."""
+
+    def __repr__(self) -> str:
+        return "(not in the stamp)"
+
+
+NOT_SAVED: Any = _NotSaved()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -75,11 +105,12 @@ def _tmp_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, stamp: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through, for writers that take a file name (faiss, safetensors).
 
     On a clean exit the temporary file is fsynced and renamed over ``path`` and the directory fsynced; on an
-    exception it is removed and ``path`` is left as it was.
+    exception it is removed and ``path`` is left as it was. With ``stamp`` (JSON-serialisable fields: what the
+    file was built from), `write_stamp` then stamps the new file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,15 +123,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    if stamp is not None:
+        write_stamp(path, stamp)
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], Any], mode: str = "wb") -> Path:
+def atomic_write(
+    path: str | os.PathLike,
+    write_fn: Callable[[IO], Any],
+    mode: str = "wb",
+    *,
+    stamp: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``path`` atomically and durably: ``write_fn(f)`` fills an open temporary file.
 
     Args:
         path: the destination; its directory is created if needed.
         write_fn: called once with the open file object.
         mode: ``"wb"`` (binary) or ``"w"`` (text, UTF-8).
+        stamp: what the file was built from, written beside it by `write_stamp`; None writes no stamp.
 
     Returns:
         ``path`` as a Path.
@@ -108,7 +148,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], Any], mode: s
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', not {mode!r}")
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, stamp=stamp) as tmp:
         # "x": the temporary name must be new; the file gets the usual permissions (umask), unlike mkstemp's 0600.
         with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write_fn(f)
@@ -117,20 +157,23 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO], Any], mode: s
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and durably."""
-    return atomic_write(path, lambda f: f.write(data), "wb")
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, stamp: Mapping[str, Any] | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically and durably (``stamp`` as in `atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data), "wb", stamp=stamp)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically and durably."""
-    return atomic_write(path, lambda f: f.write(text), "w")
+def atomic_write_text(path: str | os.PathLike, text: str, *, stamp: Mapping[str, Any] | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (``stamp`` as in `atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text), "w", stamp=stamp)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> Path:
-    """Write ``obj`` as JSON (``indent=1`` unless given) to ``path`` atomically and durably."""
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, *, stamp: Mapping[str, Any] | None = None, **json_kwargs: Any
+) -> Path:
+    """Write ``obj`` as JSON (``indent=1`` unless given) to ``path`` atomically and durably (``stamp`` as in
+    `atomic_write`)."""
     json_kwargs.setdefault("indent", 1)
-    return atomic_write(path, lambda f: json.dump(obj, f, **json_kwargs), "w")
+    return atomic_write(path, lambda f: json.dump(obj, f, **json_kwargs), "w", stamp=stamp)
 
 
 def file_hash(path: str | os.PathLike, length: int = 16, block_size: int = 1 << 20) -> str:
@@ -145,6 +188,129 @@ def file_hash(path: str | os.PathLike, length: int = 16, block_size: int = 1 << 
 def file_sha256(path: str | os.PathLike) -> str:
     """The full hex sha256 of a file's bytes (what manifests record)."""
     return file_hash(path, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------- stamps
+
+
+def stamp_path(path: str | os.PathLike) -> Path:
+    """Where the stamp of the file artefact ``path`` lives: ``embeddings.npy`` -> ``embeddings.stamp.json``."""
+    path = Path(path)
+    return path.with_name(path.stem + STAMP_SUFFIX)
+
+
+def write_stamp(path: str | os.PathLike, fields: Mapping[str, Any]) -> Path:
+    """Stamp the (complete, renamed) file ``path`` with what it was built from, atomically.
+
+    The stamp also records the file's hash: a reader then knows the stamp describes *this* file, not one that
+    replaced it later, nor the previous one left by a crash between the file's rename and the stamp's.
+
+    Args:
+        path: the artefact file.
+        fields: JSON-serialisable ``{field: value}``, e.g. ``{"student_hash": ..., "gallery_hash": ...}``; recipe
+            settings are best named by their recipe key (``"data.image_size"``), so a message names the key to set.
+
+    Returns:
+        The stamp's path.
+    """
+    path = Path(path)
+    stamp = {"format": _STAMP_FORMAT, "file": path.name, "file_hash": file_hash(path), "fields": dict(fields)}
+    return atomic_write_json(stamp_path(path), stamp, ensure_ascii=False)
+
+
+def read_stamp(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The parsed stamp of the file artefact ``path``, or None when it is missing, unreadable or not a stamp."""
+    try:
+        stamp = json.loads(stamp_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict) or stamp.get("format") != _STAMP_FORMAT or not isinstance(stamp.get("fields"), dict):
+        return None
+    return stamp
+
+
+def stamp_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, expected)}`` for each expected field whose saved value differs or is absent (`NOT_SAVED`).
+
+    Only the fields of ``expected`` are compared: a stamp may record more than a given reader can check. Expected
+    values are compared in their JSON form (a tuple equals the list it is saved as).
+    """
+    want = json.loads(json.dumps(dict(expected), default=str))
+    have = {key: saved.get(key, NOT_SAVED) for key in want}
+    return {key: (have[key], value) for key, value in want.items() if have[key] != value}
+
+
+def check_fields(
+    saved: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    path: str | os.PathLike,
+    rebuild: str,
+    error: type[StaleArtefactError] = StaleArtefactError,
+) -> None:
+    """Raise `StaleArtefactError` when the fields ``saved`` with the artefact at ``path`` differ from ``expected``.
+
+    Args:
+        saved: the fields the artefact was stamped with.
+        expected: what the current run needs, e.g. ``{"gallery_hash": index_manifest["gallery_hash"]}``.
+        path: the artefact, named in the message.
+        rebuild: the command that rebuilds it, e.g. ``"python tools/build_index.py recipe=shapes"``.
+        error: the subclass of `StaleArtefactError` to raise (e.g. the score cache's own).
+
+    Raises:
+        StaleArtefactError: the message lists every differing field (saved vs now) and ``rebuild``.
+    """
+    differences = stamp_differences(saved, expected)
+    if differences:
+        lines = "\n".join(f"  {key}: saved {old!r}, now {new!r}" for key, (old, new) in differences.items())
+        raise error(
+            f"{path} was built from other inputs than this run ({', '.join(differences)} differ):\n{lines}\n"
+            f"to rebuild it: {rebuild}",
+            path=path,
+            differences=differences,
+            rebuild=rebuild,
+        )
+
+
+def check_stamp(path: str | os.PathLike, expected: Mapping[str, Any], rebuild: str) -> dict[str, Any]:
+    """Check that the file artefact ``path`` is complete, stamped, and built from what ``expected`` says.
+
+    Args:
+        path: the artefact file (its stamp is `stamp_path`).
+        expected: the fields the current run needs (see `check_fields`).
+        rebuild: the command that rebuilds it.
+
+    Returns:
+        Every field of the stamp (it may hold more than ``expected``).
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message says how to build it).
+        StaleArtefactError: no stamp (an artefact of an older fastslow, or an interrupted write), a stamp of another
+            file, or fields that differ.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: to build it: {rebuild}")
+    stamp = read_stamp(path)
+    if stamp is None:
+        raise StaleArtefactError(
+            f"{path} has no stamp ({stamp_path(path).name} is missing or unreadable: written by an older fastslow, "
+            f"or its write was interrupted), so what it was built from is unknown; to rebuild it: {rebuild}",
+            path=path,
+            rebuild=rebuild,
+        )
+    if stamp.get("file_hash") != file_hash(path):
+        raise StaleArtefactError(
+            f"{path} is not the file its stamp {stamp_path(path).name} describes (it was replaced after it was "
+            f"stamped, or a write was interrupted); to rebuild it: {rebuild}",
+            path=path,
+            rebuild=rebuild,
+        )
+    check_fields(stamp["fields"], expected, path=path, rebuild=rebuild)
+    return dict(stamp["fields"])
+
+
+# -------------------------------------------------------------------------------------------------------- manifests
 
 
 def _files(directory: Path) -> list[str]:

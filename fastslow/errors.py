@@ -9,12 +9,36 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DataError", "UserError", "file_message"]
+__all__ = ["DataError", "StaleArtefactError", "UserError", "file_message"]
 
 
 class UserError(ValueError):
     """A problem the user fixes by changing the command, not the code: e.g. an index or a cache that
     was built by another model. Tools print the message without a traceback."""
+
+
+class StaleArtefactError(UserError):
+    """An artefact on disk was built from other inputs than the ones at hand (another model, gallery, tokenizer,
+    setting), or carries no stamp to tell. Raised by `fastslow.artefacts.check_stamp` / `check_fields`.
+
+    Attributes:
+        path: the artefact (file or directory).
+        differences: ``{field: (saved, expected)}`` for every field that differs; empty when there is no stamp.
+        rebuild: the command (or step) that rebuilds the artefact.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike,
+        differences: dict[str, tuple[object, object]] | None = None,
+        rebuild: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+        self.differences = dict(differences or {})
+        self.rebuild = rebuild
 
 
 def file_message(path: str | os.PathLike, problem: str, fix: str | None = None) -> str:

@@ -34,13 +34,15 @@ import faiss
 import numpy as np
 import torch
 
-from fastslow.artefacts import atomic_path, atomic_write, atomic_write_json, file_hash
+from fastslow.artefacts import atomic_path, atomic_write, atomic_write_json, check_fields, check_stamp, file_hash
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 # Faiss prints a warning below this many training points per k-means centroid (Clustering.cpp); we stay above it.
 MIN_POINTS_PER_CENTROID = 39
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
+EMBEDDINGS_FILE = "embeddings.npy"
+BUILD_INDEX = "tools/build_index.py"  # what rebuilds an index, its embeddings and its token store
 # Manifest keys that save_index computes from the index and the item ids itself.
 _DERIVED_KEYS = ("kind", "params", "dim", "n_items", "gallery_hash", "index_type", "faiss_version", "created")
 _REQUIRED_KEYS = ("item_ids", "student_hash")
@@ -400,7 +402,11 @@ def save_index(out_dir: str | os.PathLike, index: faiss.Index, manifest: dict[st
 
 
 def load_index(
-    out_dir: str | os.PathLike, *, expect: dict[str, Any] | None = None, use_gpu: bool | str = "auto"
+    out_dir: str | os.PathLike,
+    *,
+    expect: dict[str, Any] | None = None,
+    use_gpu: bool | str = "auto",
+    rebuild: str = BUILD_INDEX,
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """Read an index written by ``save_index`` and check that it still matches the current student and gallery.
 
@@ -409,47 +415,63 @@ def load_index(
         expect: manifest values the caller requires, e.g.
             ``{"student_hash": dir_weights_hash(student_dir), "gallery_hash": hash_ids(split.item_ids)}``.
         use_gpu: as in ``build_index``.
+        rebuild: the command that rebuilds the index, named in every error (e.g. with the recipe and output_dir).
 
     Returns:
         ``(index, manifest)``; search parameters (nprobe, ef_search) are those saved.
 
     Raises:
         FileNotFoundError: a file is missing (e.g. an interrupted save).
-        ValueError: a manifest value differs from ``expect``, or the manifest and the index disagree.
+        StaleArtefactError: manifest values differ from ``expect`` (each one listed, saved vs now).
+        ValueError: the manifest and the index disagree.
     """
     out = Path(out_dir)
     index_path, manifest_path = out / INDEX_FILE, out / MANIFEST_FILE
     for path in (manifest_path, index_path):
         if not path.is_file():
-            raise FileNotFoundError(f"no {path.name} in {out}: build the index with tools/build_index.py")
+            raise FileNotFoundError(f"no {path.name} in {out}: build the index with {rebuild}")
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
-    from fastslow.errors import UserError
-
-    for key, want in (expect or {}).items():
-        have = manifest.get(key)
-        if have == want:
-            continue
-        if key == "student_hash":
-            msg = f"index at {out} was built by student {have}, but the current student is {want}"
-        elif key == "gallery_hash":
-            msg = (
-                f"index at {out} was built over gallery {have} ({manifest.get('n_items')} items), "
-                f"but the current gallery is {want}"
-            )
-        else:
-            msg = f"index at {out} has {key}={have!r}, but {want!r} is expected"
-        raise UserError(f"{msg}: rebuild with tools/build_index.py")
+    # The manifest is the index's stamp: written last, after the index file (save_index).
+    check_fields(manifest, expect or {}, path=out, rebuild=rebuild)
 
     index = faiss.read_index(str(index_path))
     if index.ntotal != manifest.get("n_items") or index.d != manifest.get("dim"):
         raise ValueError(
             f"index at {out} holds {index.ntotal} vectors of dim {index.d} but its manifest says "
-            f"{manifest.get('n_items')} of dim {manifest.get('dim')}: rebuild with tools/build_index.py"
+            f"{manifest.get('n_items')} of dim {manifest.get('dim')}: rebuild with {rebuild}"
         )
     if hash_ids(manifest.get("item_ids", [])) != manifest.get("gallery_hash"):
         raise ValueError(f"manifest at {manifest_path} is inconsistent (item_ids do not match gallery_hash)")
     return _to_gpu(index, manifest.get("kind", ""), use_gpu), manifest
+
+
+def save_embeddings(out_dir: str | os.PathLike, embeddings: np.ndarray, stamp: dict[str, Any]) -> Path:
+    """Write the exact gallery embeddings ``out_dir/embeddings.npy`` atomically, stamped (``embeddings.stamp.json``).
+
+    Args:
+        out_dir: the index directory.
+        embeddings: [N, E] float, row i for gallery item i.
+        stamp: what they were built from, e.g. ``{"student_hash": ..., "gallery_hash": ..., "data.image_size": 32}``.
+
+    Returns:
+        The file's path.
+    """
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    # A file object, so numpy does not append ".npy" to the temporary name.
+    return atomic_write(Path(out_dir) / EMBEDDINGS_FILE, lambda f: np.save(f, emb), stamp=stamp)
+
+
+def load_embeddings(out_dir: str | os.PathLike, *, expect: dict[str, Any], rebuild: str = BUILD_INDEX) -> np.ndarray:
+    """Read ``out_dir/embeddings.npy`` after checking its stamp against ``expect`` (see ``save_embeddings``).
+
+    Raises:
+        FileNotFoundError: no embeddings file.
+        StaleArtefactError: no stamp (an older index directory), or a field differs (another student or gallery).
+    """
+    path = Path(out_dir) / EMBEDDINGS_FILE
+    check_stamp(path, expect, rebuild)
+    return np.load(path, allow_pickle=False)
 
 
 # --------------------------------------------------------------------------------------------------- gallery encoding
@@ -532,7 +554,7 @@ def encode_gallery(
                     warnings.warn(f"gallery chunks in {out} were written by a different run: re-encoding", stacklevel=2)
                 for stale in [*out.glob("chunk_*.npz"), *out.glob("chunk_*.tmp-*")]:
                     stale.unlink()
-                meta_path.write_text(json.dumps(meta))
+                atomic_write_json(meta_path, meta)
         if accelerator is not None:
             from accelerate.utils import broadcast_object_list
 
@@ -634,7 +656,9 @@ __all__ = [
     "file_hash",
     "hash_ids",
     "index_info",
+    "load_embeddings",
     "load_index",
+    "save_embeddings",
     "save_index",
     "search",
     "set_search_params",

@@ -21,9 +21,10 @@ added. The one exception is -0.0: SQLite stores an integral REAL as an integer a
 ``add`` stores +0.0 for it (the same value; no softmax or KL can tell them apart).
 
 The stamp (format version, teacher weights hash, candidate source, dataset hash, item count, tokenizer hash,
-max_length) is written once, by whichever process creates the database, and every later opening compares it
-field by field: a cache of another teacher or tokenisation is refused, never silently mixed in. Nothing is
-unpickled.
+max_length, and the visual settings such as ``data.image_size``) is written once, by whichever process creates the
+database, and every later opening compares it field by field (`fastslow.artefacts.check_fields`, which lists every
+field that differs): a cache of another teacher, tokenisation or image size is refused, never silently mixed in.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastslow.errors import UserError, file_message
+from fastslow.artefacts import check_fields
+from fastslow.errors import StaleArtefactError, UserError, file_message
 
 __all__ = ["CacheMismatchError", "TeacherScoreCache", "hash_dataset", "FORMAT", "FORMAT_VERSION", "DB_FILE"]
 
@@ -71,21 +73,11 @@ _SCHEMA = (
     "PRIMARY KEY (text_idx, item_idx)) WITHOUT ROWID",
 )
 
-# Stamp fields in the order they are checked, with the words an error message uses for each.
-_STAMP_WORDS = {
-    "format": "format",
-    "version": "format version",
-    "teacher_hash": "teacher (weights hash)",
-    "source": "candidate source",
-    "dataset_hash": "dataset (captions + item ids hash)",
-    "n_items": "item count",
-    "tokenizer_hash": "tokenizer (tokenizer.json hash)",
-    "max_length": "max_length (text truncation)",
-}
 
 
-class CacheMismatchError(UserError):
-    """An existing cache was made for another teacher, candidate source, dataset, tokenizer or format version."""
+class CacheMismatchError(StaleArtefactError):
+    """An existing cache was made for another teacher, candidate source, dataset, tokenizer, visual setting or
+    format version (or the directory is not a cache of this format)."""
 
 
 def hash_dataset(captions: Sequence[str], item_ids: Sequence[Any], length: int = 16) -> str:
@@ -160,6 +152,8 @@ class TeacherScoreCache:
         tokenizer_hash: hash of the tokenizer the teacher's texts were encoded with (e.g. of ``tokenizer.json``);
             None when unknown, which is stamped too (a cache stamped None is refused by a caller that knows it).
         max_length: token length the texts were truncated to; None when unknown (stamped like ``tokenizer_hash``).
+        settings: other recipe settings the scores depend on, by recipe key, e.g. ``{"data.image_size": 224}``
+            (the teacher sees the images at that size); each one is stamped and checked like the fields above.
         create: create the directory and database when missing; False raises FileNotFoundError instead.
         timeout: seconds a write waits for another process's transaction before failing.
 
@@ -180,6 +174,7 @@ class TeacherScoreCache:
         n_items: int | None = None,
         tokenizer_hash: str | None = None,
         max_length: int | None = None,
+        settings: dict[str, Any] | None = None,
         create: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
@@ -197,6 +192,7 @@ class TeacherScoreCache:
             "n_items": None if n_items is None else int(n_items),
             "tokenizer_hash": None if tokenizer_hash is None else str(tokenizer_hash),
             "max_length": None if max_length is None else int(max_length),
+            **(settings or {}),
         }
         self._check_directory(create, stamp["n_items"])
         self.stamp = self._open(stamp)
@@ -214,7 +210,8 @@ class TeacherScoreCache:
             raise CacheMismatchError(
                 f"{self.directory} holds a teacher score cache in the old sharded format ({_OLD_MANIFEST}, "
                 f"shard_*.json); this code reads {FORMAT!r} version {FORMAT_VERSION} ({DB_FILE}): delete "
-                f"{self.directory} and rerun tools/distill.py, which recomputes the scores"
+                f"{self.directory} and rerun tools/distill.py, which recomputes the scores",
+                path=self.directory,
             )
         if n_items is None or n_items <= 0:
             raise ValueError(f"n_items must be a positive int to create a score cache, got {n_items!r}")
@@ -224,7 +221,8 @@ class TeacherScoreCache:
         if others:
             raise CacheMismatchError(
                 f"{self.directory} is not empty ({', '.join(others[:3])}, ...) and has no {DB_FILE}: it is not a "
-                f"teacher score cache; move those files or open the cache in a new or empty directory"
+                f"teacher score cache; move those files or open the cache in a new or empty directory",
+                path=self.directory,
             )
 
     @contextlib.contextmanager
@@ -312,19 +310,13 @@ class TeacherScoreCache:
     def _check_stamp(self, stored: dict[str, Any], stamp: dict[str, Any]) -> None:
         # tools/distill.py keeps the cache in ${output_dir}/cache/ (there is no setting for it), hence this advice.
         fix = f"delete {self.directory} (tools/distill.py then recomputes the scores) or run with another output_dir"
-        for field, words in _STAMP_WORDS.items():
-            if field == "n_items" and stamp[field] is None:
-                if not isinstance(stored.get(field), int) or stored[field] <= 0:
-                    raise CacheMismatchError(
-                        f"{self.path} has no valid n_items in its stamp ({stored.get(field)!r}): {fix}"
-                    )
-                continue
-            old, new = stored.get(field, "<missing>"), stamp[field]
-            if old != new:
+        if stamp["n_items"] is None:  # take the stored count, which must be valid
+            if not isinstance(stored.get("n_items"), int) or stored["n_items"] <= 0:
                 raise CacheMismatchError(
-                    f"the teacher scores in {self.path} were made for another {words}: the cache is stamped "
-                    f"{field}={old!r}, the current run has {field}={new!r}: {fix}"
+                    f"{self.path} has no valid n_items in its stamp ({stored.get('n_items')!r}): {fix}", path=self.path
                 )
+            stamp = {k: v for k, v in stamp.items() if k != "n_items"}
+        check_fields(stored, stamp, path=self.path, rebuild=fix, error=CacheMismatchError)
 
     @contextlib.contextmanager
     def _transaction(self, kind: str = "DEFERRED") -> Iterator[sqlite3.Connection]:

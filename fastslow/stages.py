@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastslow.artefacts import atomic_write_json, check_stamp
 from fastslow.config import ConfigError, load_saved_config, save_config, to_kwargs
 from fastslow.data import (
     FeatureLoader,
@@ -58,6 +59,77 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def rebuild_command(cfg: DictConfig, tool: str) -> str:
+    """The command that rebuilds a stage's artefacts for this run (named in every staleness error); the user adds
+    the overrides of the run being repaired."""
+    return f"python tools/{tool} recipe={cfg.recipe} output_dir={cfg.output_dir}"
+
+
+# ---------------------------------------------------------------- stamps
+
+
+def visual_stamp(cfg: DictConfig) -> dict[str, Any]:
+    """The recipe settings an item's visual tensor depends on besides its file, hence everything computed from it
+    (student embeddings, index, teacher tokens): the image size, or the clip length and feature size."""
+    if modality(cfg) == "image":
+        return {"data.image_size": cfg.data.image_size}
+    return {"data.max_frames": cfg.data.max_frames, "data.feature_dim": cfg.data.feature_dim}
+
+
+def tokenizer_stamp(cfg: DictConfig) -> dict[str, Any]:
+    """The recipe's `tokenizer.*` settings that decide `${output_dir}/tokenizer.json`. A pretrained tokenizer
+    (tokenizer.path) keeps its own vocabulary, so vocab_size only counts for one trained here."""
+    path = cfg.tokenizer.path
+    return {"tokenizer.path": path, "tokenizer.vocab_size": None if path else int(cfg.tokenizer.vocab_size)}
+
+
+def fuse_stamp(cfg: DictConfig, student_hash: str, teacher_hash: str, val_split: str) -> dict[str, Any]:
+    """What the fusion weight tuned by rerank_eval.py depends on: both models, the split and depth it was tuned
+    at, and how the queries were cut (max_length)."""
+    return {
+        "student_hash": student_hash,
+        "teacher_hash": teacher_hash,
+        "val_split": val_split,
+        "combiner.k": int(cfg.combiner.k),
+        "data.max_length": int(cfg.data.max_length),
+    }
+
+
+def open_index(cfg: DictConfig, student_hash: str, gallery_hash: str | None = None):
+    """`${output_dir}/index`, checked: built by this student with this run's visual settings, and over the gallery
+    ``gallery_hash`` when the caller knows it (search.py has no gallery at hand: it trusts the manifest's).
+
+    Returns:
+        ``(faiss index, manifest)``.
+    """
+    from fastslow.index import load_index
+
+    expect = {"student_hash": student_hash, **visual_stamp(cfg)}
+    if gallery_hash is not None:
+        expect["gallery_hash"] = gallery_hash
+    return load_index(stage_dir(cfg, "index"), expect=expect, rebuild=rebuild_command(cfg, "build_index.py"))
+
+
+def open_gallery_tokens(cfg: DictConfig, index_manifest: dict[str, Any], teacher_hash: str):
+    """The teacher's visual tokens of the indexed gallery (`${output_dir}/index/tokens`), checked against the index
+    they are used with and the current teacher. The index and the tokens are two writes: a crash between them, or
+    a rebuilt index beside an old store, would otherwise rerank rows of another gallery or another teacher."""
+    from teachers import TokenStore
+
+    expect = {"teacher_hash": teacher_hash, "gallery_hash": index_manifest["gallery_hash"], **visual_stamp(cfg)}
+    return TokenStore.open(
+        stage_dir(cfg, "index") / "tokens", expect=expect, rebuild=rebuild_command(cfg, "build_index.py")
+    )
+
+
+def load_gallery_embeddings(cfg: DictConfig, index_manifest: dict[str, Any], student_hash: str):
+    """`${output_dir}/index/embeddings.npy` ([N, E] float32), checked: this student's, over the index's gallery."""
+    from fastslow.index import load_embeddings
+
+    expect = {"student_hash": student_hash, "gallery_hash": index_manifest["gallery_hash"], **visual_stamp(cfg)}
+    return load_embeddings(stage_dir(cfg, "index"), expect=expect, rebuild=rebuild_command(cfg, "build_index.py"))
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -76,6 +148,8 @@ def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
         return
     if accelerator is None or accelerator.is_main_process:
         print(f"generating the built-in {cfg.data.dataset} data in {root} ...", flush=True)
+        # Removed first: a generation that dies half-way must not leave the old stamp over the new files.
+        stamp.unlink(missing_ok=True)
         fn = shapes.generate_shapes if cfg.data.dataset == "shapes" else shapes.generate_shapes_video
         summary = fn(root, **params)
         if cfg.data.dataset == "shapes_video" and summary["n_val"] != cfg.data.n_val:
@@ -84,7 +158,7 @@ def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
                 f"(n_val_groups x group_size): set data.n_val={summary['n_val']}"
             )
         print(f"  {summary}", flush=True)
-        stamp.write_text(json.dumps(wanted, indent=1))
+        atomic_write_json(stamp, wanted)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
@@ -163,7 +237,8 @@ def without_index_skips(cfg: DictConfig, split: RetrievalSplit, index_dir: Path,
         raise UserError(
             f"the index at {index_dir} left out {len(skipped)} of {split.n_items} items of {split.name} that could "
             f"not be read (e.g. {skipped[0]['path']}: {skipped[0]['reason']}; built with data.on_error=skip): set "
-            f"data.on_error=skip to evaluate without them, or fix the files and rerun tools/build_index.py"
+            f"data.on_error=skip to evaluate without them, or fix the files and rerun "
+            f"{rebuild_command(cfg, 'build_index.py')}"
         )
     gone = {entry["id"] for entry in skipped}
     captions = captions_per_path(split)
@@ -205,8 +280,17 @@ def tokenizer_path(cfg: DictConfig) -> Path:
 
 def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerator=None) -> TextTokenizer:
     """The run's tokenizer: a local pretrained one (tokenizer.path), or one trained on the training
-    captions once and saved as `${output_dir}/tokenizer.json` for every later stage to reuse."""
+    captions once and saved as `${output_dir}/tokenizer.json` for every later stage to reuse.
+
+    The file is stamped with the `tokenizer.*` settings it was made with (`tokenizer.stamp.json`); an existing one
+    made with other settings, or with no stamp, is refused rather than reused (every model built on it would
+    otherwise use another vocabulary than the recipe says).
+
+    Raises:
+        StaleArtefactError: `${output_dir}/tokenizer.json` was made with other `tokenizer.*` settings (named).
+    """
     path = tokenizer_path(cfg)
+    wanted = tokenizer_stamp(cfg)
     if not path.is_file():
         if accelerator is None or accelerator.is_main_process:
             if cfg.tokenizer.path:
@@ -216,9 +300,15 @@ def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerat
                     raise FileNotFoundError(f"{path} not found: run tools/train_teacher.py recipe={cfg.recipe} first")
                 tok = train_tokenizer(train_split.captions, vocab_size=cfg.tokenizer.vocab_size)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tok.save(path)
+            tok.save(path, stamp=wanted)
         if accelerator is not None:
             accelerator.wait_for_everyone()
+    # The benchmarks share one tokenizer by a symlink to it: its stamp lies beside the file itself.
+    fix = (
+        f"delete {path} (and tokenizer.stamp.json beside it) to make a new one, or choose another output_dir; "
+        f"the teacher and student of {cfg.output_dir} were built on the old one and must then be retrained"
+    )
+    check_stamp(path.resolve(), wanted, fix)
     return TextTokenizer.from_file(path)
 
 

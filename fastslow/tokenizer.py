@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from fastslow.artefacts import atomic_path
+
 __all__ = ["SPECIAL_TOKENS", "TextTokenizer", "train_tokenizer", "load_pretrained_tokenizer"]
 
 # Order fixes the ids of tokenizers trained here: PAD=0, UNK=1, BOS=2, EOS=3.
@@ -193,11 +195,13 @@ class TextTokenizer:
 
     # ------------------------------------------------------------------------------------------ files
 
-    def save(self, path: str | os.PathLike) -> str:
-        """Write the tokenizer as one ``tokenizer.json``.
+    def save(self, path: str | os.PathLike, *, stamp: dict[str, Any] | None = None) -> str:
+        """Write the tokenizer as one ``tokenizer.json``, atomically (`fastslow.artefacts`).
 
         Args:
             path: a ``.json`` file path, or a directory (the file is then ``path/tokenizer.json``).
+            stamp: what it was built from (e.g. the recipe's ``tokenizer.*`` settings), written beside it as
+                ``tokenizer.stamp.json``; None writes no stamp.
 
         Returns:
             The path of the written file.
@@ -209,7 +213,8 @@ class TextTokenizer:
         # The truncation of the last encode() call is not part of the tokenizer's identity.
         self.tokenizer.no_truncation()
         self._max_length = None
-        self.tokenizer.save(str(path))
+        with atomic_path(path, stamp=stamp) as tmp:
+            self.tokenizer.save(str(tmp))
         return str(path)
 
     @classmethod

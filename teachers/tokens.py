@@ -12,9 +12,14 @@ Store layout (one directory, written to a temporary sibling and renamed, so read
     meta.json    {"format", "version", "num_items", "num_tokens", "dim", "dtype", "has_mask", "meta": {caller's},
                   "skipped": {row: reason}}
 
+The caller's ``meta`` is the store's stamp (what it was built from: teacher weights hash, gallery hash, image size);
+it lives in the store's own directory, so the rename that commits the tokens commits their stamp with them.
+`TokenStore.open(expect=...)` checks it.
+
 ``skipped`` lists rows that hold no tokens (zeros) because their item could not be read under
 ``data.on_error=skip``: the store keeps one row per item so that row i stays item i, and `TokenStore.get`
-refuses those rows rather than hand zeros to the teacher as if they were an item.
+refuses those rows rather than hand zeros to the teacher as if they were an item. It sits beside the stamp,
+not in it: ``expect`` compares the caller's ``meta`` only, so a checked store may still hold placeholder rows.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastslow.artefacts import commit_dir
+from fastslow.artefacts import check_fields, commit_dir
 
 __all__ = ["VisualTokens", "TokenStore"]
 
@@ -251,12 +256,34 @@ class TokenStore:
 
     # ---------------------------------------------------------------- reading
     @classmethod
-    def open(cls, path: str | os.PathLike, *, mmap: bool = True) -> TokenStore:
-        """Open a store; with `mmap` the arrays stay on disk and rows are read on indexing."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        mmap: bool = True,
+        expect: dict[str, Any] | None = None,
+        rebuild: str = "tools/build_index.py",
+    ) -> TokenStore:
+        """Open a store; with `mmap` the arrays stay on disk and rows are read on indexing.
+
+        Args:
+            path: the store directory.
+            mmap: keep the arrays on disk.
+            expect: values the caller's ``meta`` must hold, e.g. ``{"teacher_hash": ..., "gallery_hash": ...}`` of
+                the teacher and the index the tokens are used with; checked before any array is opened.
+            rebuild: the command that rebuilds the store, named in errors.
+
+        Raises:
+            FileNotFoundError: no store at ``path``.
+            StaleArtefactError: a value of ``expect`` differs from the stamp, or the stamp lacks it (an older store).
+        """
         path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"no token store at {path} (meta.json missing): build it with {rebuild}")
         info = json.loads((path / "meta.json").read_text())
         if info.get("format") != _FORMAT:
             raise ValueError(f"{path}/meta.json: not a {_FORMAT} (format={info.get('format')!r})")
+        check_fields(info.get("meta") or {}, expect or {}, path=path, rebuild=rebuild)
         mode = "r" if mmap else None
         tokens = np.load(path / "tokens.npy", mmap_mode=mode)
         mask = np.load(path / "mask.npy", mmap_mode=mode) if info["has_mask"] else None

@@ -10,11 +10,13 @@ from fastslow.artefacts import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
+    check_stamp,
     commit_dir,
     file_sha256,
     verify_manifest,
     write_manifest,
 )
+from fastslow.errors import StaleArtefactError, UserError
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -94,3 +96,39 @@ def test_commit_dir_replaces_a_directory(tmp_path):
     commit_dir(tmp, final)
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # neither the temporary nor the old one is left
+
+
+# ---------------------------------------------------------------------------------------------------------- stamps
+
+
+def test_stamp_check_lists_every_differing_field_and_the_rebuild_command(tmp_path):
+    path = tmp_path / "embeddings.npy"
+    atomic_write_bytes(path, b"rows", stamp={"student_hash": "aaaa", "gallery_hash": "g1", "data.image_size": 32})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npy", "embeddings.stamp.json"]
+    rebuild = "python tools/build_index.py recipe=smoke"
+    saved = check_stamp(path, {"student_hash": "aaaa", "gallery_hash": "g1"}, rebuild)  # a reader checks a subset
+    assert saved == {"student_hash": "aaaa", "gallery_hash": "g1", "data.image_size": 32}
+    with pytest.raises(StaleArtefactError) as err:
+        check_stamp(path, {"student_hash": "bbbb", "gallery_hash": "g1", "data.image_size": 64, "new": 1}, rebuild)
+    message = str(err.value)
+    assert "student_hash: saved 'aaaa', now 'bbbb'" in message
+    assert "data.image_size: saved 32, now 64" in message
+    assert "new: saved (not in the stamp), now 1" in message  # a field an older stamp lacks
+    assert "gallery_hash" not in message  # only what differs
+    assert message.endswith(f"to rebuild it: {rebuild}")
+    assert set(err.value.differences) == {"student_hash", "data.image_size", "new"}
+    assert isinstance(err.value, UserError)  # tools print it as one error, exit status 2
+
+
+def test_unstamped_or_replaced_artefact_is_refused_with_the_rebuild_command(tmp_path):
+    path = tmp_path / "fuse_alpha.json"
+    atomic_write_json(path, {"alpha": 0.5})  # no stamp: what an older fastslow wrote
+    with pytest.raises(StaleArtefactError, match="has no stamp .*to rebuild it: run X"):
+        check_stamp(path, {"k": 20}, "run X")
+    atomic_write_json(path, {"alpha": 0.5}, stamp={"k": 20})
+    assert check_stamp(path, {"k": 20}, "run X") == {"k": 20}
+    path.write_text('{"alpha": 0.9}')  # replaced under its stamp (or a crash between the two renames)
+    with pytest.raises(StaleArtefactError, match="not the file its stamp fuse_alpha.stamp.json describes"):
+        check_stamp(path, {"k": 20}, "run X")
+    with pytest.raises(FileNotFoundError, match="to build it: run X"):
+        check_stamp(tmp_path / "absent.json", {}, "run X")

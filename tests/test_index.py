@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fastslow.errors import StaleArtefactError
 from fastslow.index import (
     KINDS,
     build_index,
@@ -19,7 +20,9 @@ from fastslow.index import (
     file_hash,
     hash_ids,
     index_info,
+    load_embeddings,
     load_index,
+    save_embeddings,
     save_index,
     search,
 )
@@ -184,18 +187,36 @@ def test_load_refuses_a_stale_index(tmp_path, data):
     index = build_index(data[0][:100], "flat")
     ids = [str(i) for i in range(100)]
     save_index(tmp_path, index, {"item_ids": ids, "student_hash": "aaaa"})
-    with pytest.raises(
-        ValueError, match=r"built by student aaaa, but the current student is bbbb: rebuild with tools/bu"
-    ):
+    with pytest.raises(StaleArtefactError, match=r"student_hash: saved 'aaaa', now 'bbbb'\n.*tools/build_index.py"):
         load_index(tmp_path, expect={"student_hash": "bbbb"})
     other = hash_ids(list(reversed(ids)))  # same items, another order: a different gallery for faiss ids
-    with pytest.raises(
-        ValueError, match=rf"built over gallery {hash_ids(ids)} \(100 items\), but the current gallery is {other}"
-    ):
+    with pytest.raises(StaleArtefactError, match=rf"gallery_hash: saved '{hash_ids(ids)}', now '{other}'"):
         load_index(tmp_path, expect={"gallery_hash": other})
+    # An index of an older fastslow has no data.image_size in its manifest: refused, named, not a crash.
+    with pytest.raises(StaleArtefactError, match=r"data.image_size: saved \(not in the stamp\), now 32"):
+        load_index(tmp_path, expect={"data.image_size": 32}, rebuild="python tools/build_index.py recipe=smoke")
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         load_index(tmp_path)
+
+
+def test_embeddings_of_another_student_are_refused(tmp_path, data):
+    gallery = data[0][:20]
+    ids = [str(i) for i in range(20)]
+    stamp = {"student_hash": "student-a", "gallery_hash": hash_ids(ids), "data.image_size": 32}
+    save_embeddings(tmp_path, gallery, stamp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npy", "embeddings.stamp.json"]
+    assert np.array_equal(load_embeddings(tmp_path, expect=stamp), gallery)
+    rebuild = "python tools/build_index.py recipe=smoke"
+    with pytest.raises(StaleArtefactError, match=r"student_hash: saved 'student-a', now 'student-b'") as err:
+        load_embeddings(tmp_path, expect={**stamp, "student_hash": "student-b"}, rebuild=rebuild)
+    assert list(err.value.differences) == ["student_hash"] and str(err.value).endswith(rebuild)
+    np.save(tmp_path / "embeddings.npy", gallery[::-1])  # written by an older fastslow: np.save, no stamp update
+    with pytest.raises(StaleArtefactError, match="not the file its stamp"):
+        load_embeddings(tmp_path, expect=stamp)
+    (tmp_path / "embeddings.stamp.json").unlink()
+    with pytest.raises(StaleArtefactError, match="has no stamp"):
+        load_embeddings(tmp_path, expect=stamp)
 
 
 def test_save_checks_the_manifest(tmp_path, data):

@@ -211,27 +211,32 @@ def test_interrupted_get_or_compute_keeps_the_committed_chunks(tmp_path):
         ("n_items", N_ITEMS + 1),
         ("tokenizer_hash", "tok-999"),
         ("max_length", 33),
+        ("data.image_size", 64),
     ],
 )
 def test_mismatched_stamp_is_refused(tmp_path, field, value):
     stamp = {"tokenizer_hash": "tok-1", "max_length": 32}
-    cache = open_cache(tmp_path, **stamp)
+    settings = {"data.image_size": 32}
+    cache = open_cache(tmp_path, **stamp, settings=settings)
     cache.add([1], [2], [3.0])
     with pytest.raises(CacheMismatchError) as err:
-        open_cache(tmp_path, **{**stamp, field: value})
+        if field in settings:
+            open_cache(tmp_path, **stamp, settings={field: value})
+        else:
+            open_cache(tmp_path, **{**stamp, field: value}, settings=settings)
     message = str(err.value)
-    old = {**STAMP, "n_items": N_ITEMS, **stamp}[field]
-    assert f"stamped {field}={old!r}, the current run has {field}={value!r}" in message
+    old = {**STAMP, "n_items": N_ITEMS, **stamp, **settings}[field]
+    assert f"{field}: saved {old!r}, now {value!r}" in message and list(err.value.differences) == [field]
     assert f"delete {tmp_path}" in message and "tools/distill.py" in message
     assert isinstance(err.value, UserError)
     # Nothing was overwritten: the right stamp still opens the scores.
-    assert open_cache(tmp_path, **stamp).lookup([1], [2])[1][0]
+    assert open_cache(tmp_path, **stamp, settings=settings).lookup([1], [2])[1][0]
 
 
 def test_unknown_tokenizer_stamp_is_refused_by_a_run_that_knows_it(tmp_path):
     open_cache(tmp_path)  # an older caller: no tokenizer_hash, no max_length
     assert open_cache(tmp_path).n_items == N_ITEMS
-    with pytest.raises(CacheMismatchError, match="stamped tokenizer_hash=None, the current run has tokenizer_hash='t'"):
+    with pytest.raises(CacheMismatchError, match="tokenizer_hash: saved None, now 't'"):
         open_cache(tmp_path, tokenizer_hash="t")
 
 
@@ -256,7 +261,7 @@ def test_format_version_mismatch_is_refused(tmp_path):
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
         conn.execute("UPDATE meta SET value = '999' WHERE key = 'version'")
     conn.close()
-    with pytest.raises(CacheMismatchError, match=f"stamped version=999, the current run has version={FORMAT_VERSION}"):
+    with pytest.raises(CacheMismatchError, match=f"version: saved 999, now {FORMAT_VERSION}"):
         open_cache(tmp_path)
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastslow.errors import StaleArtefactError
 from teachers import Captioner, TokenStore, VisualTokens, create_teacher, list_teachers, reverse_tokens
 
 torch.set_num_threads(1)
@@ -327,6 +328,23 @@ def test_token_store_without_mask(tmp_path):
     meta = json.loads((tmp_path / "img" / "meta.json").read_text())
     assert (meta["num_items"], meta["num_tokens"], meta["dim"]) == (3, 84, model.config.embed_dim)
     assert torch.allclose(store[1:3].tokens, vt.tokens[1:3], atol=1e-2)
+
+
+def test_token_store_of_another_gallery_or_teacher_is_refused(tmp_path):
+    vt = VisualTokens(torch.randn(3, 4, 8))
+    stamp = {"teacher_hash": "t1", "gallery_hash": "g1", "data.image_size": 32}
+    TokenStore.write(tmp_path / "tokens", ["a", "b", "c"], vt, meta=stamp)
+    assert len(TokenStore.open(tmp_path / "tokens", expect=stamp)) == 3
+    with pytest.raises(StaleArtefactError, match=r"gallery_hash: saved 'g1', now 'g2'\n.*to rebuild it: run B") as err:
+        TokenStore.open(tmp_path / "tokens", expect={**stamp, "gallery_hash": "g2"}, rebuild="run B")
+    assert list(err.value.differences) == ["gallery_hash"]
+    with pytest.raises(StaleArtefactError, match="teacher_hash: saved 't1', now 't2'"):
+        TokenStore.open(tmp_path / "tokens", expect={**stamp, "teacher_hash": "t2"})
+    TokenStore.write(tmp_path / "old", ["a", "b", "c"], vt, meta={"teacher_hash": "t1"})  # an older build_index
+    with pytest.raises(StaleArtefactError, match=r"gallery_hash: saved \(not in the stamp\), now 'g1'"):
+        TokenStore.open(tmp_path / "old", expect=stamp)
+    with pytest.raises(FileNotFoundError, match="build it with run B"):
+        TokenStore.open(tmp_path / "absent", rebuild="run B")
 
 
 def test_visual_tokens_indexing_and_cat():

@@ -6,6 +6,7 @@ disk; the other tests check that bad input fails fast with a message that names 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,9 +107,99 @@ def test_index_from_another_student_is_refused(smoke_run, tmp_path):
     try:
         (out / "index" / "manifest.json").write_text(json.dumps({**manifest, "student_hash": "0" * 16}))
         proc = tool("rerank_eval.py", *args, check=False)
-        assert proc.returncode == 2 and "rebuild with tools/build_index.py" in proc.stderr
+        assert proc.returncode == 2 and "student_hash: saved '0000000000000000'" in proc.stderr
+        assert f"to rebuild it: python tools/build_index.py recipe=smoke output_dir={out}" in proc.stderr
     finally:
         (out / "index" / "manifest.json").write_text(json.dumps(manifest))
+
+
+# ------------------------------------------------------------------------------------- stale artefacts are refused
+
+
+@pytest.fixture(scope="module")
+def student_b_run(smoke_run, tmp_path_factory):
+    """A second run beside the smoke run: the same teacher and data, another student (its weights nudged), and an
+    index built by that student over the *val* split. Mixing its artefacts with the smoke run's makes the stale
+    states a crash or a rebuild leaves: tokens, embeddings or a fusion weight of another gallery or model pair."""
+    from safetensors.torch import load_file, save_file
+
+    out, _, _ = smoke_run
+    run = tmp_path_factory.mktemp("student_b")
+    for name in ("teacher", "data", "tokenizer.json"):
+        os.symlink(out / name, run / name)
+    (run / "student").mkdir()
+    for name in ("config.yaml", "tokenizer.json"):
+        shutil.copy(out / "student" / name, run / "student" / name)
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1e-3
+    save_file(weights, str(run / "student" / "model.safetensors"))
+    tool("build_index.py", "recipe=smoke", f"output_dir={run}", "eval.split=val")
+    return run
+
+
+def mixed_run(base, tmp_path, *, index="copy"):
+    """A run directory with `base`'s models and data, and a copy (or a link) of its index."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("teacher", "student", "data", "tokenizer.json"):
+        os.symlink(base / name, run / name)
+    if index == "copy":
+        shutil.copytree(base / "index", run / "index")
+    else:
+        os.symlink(base / "index", run / "index")
+    return run
+
+
+def hashes(directory):
+    stamp = json.loads((directory / "embeddings.stamp.json").read_text())["fields"]
+    return stamp["student_hash"], stamp["gallery_hash"]
+
+
+def test_stale_token_store_beside_a_rebuilt_index_is_refused(smoke_run, student_b_run, tmp_path):
+    """The index was rebuilt over another gallery, the tokens were not (a crash between the two writes)."""
+    out, _, _ = smoke_run
+    run = mixed_run(student_b_run, tmp_path)
+    shutil.rmtree(run / "index" / "tokens")
+    shutil.copytree(out / "index" / "tokens", run / "index" / "tokens")  # the test gallery's tokens, same teacher
+    (_, old), (_, new) = hashes(out / "index"), hashes(student_b_run / "index")
+    rebuild = f"to rebuild it: python tools/build_index.py recipe=smoke output_dir={run}"
+    for name, extra in (("search.py", ["query=a red circle"]), ("rerank_eval.py", ["eval.split=val"])):
+        proc = tool(name, "recipe=smoke", f"output_dir={run}", *extra, check=False)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert f"gallery_hash: saved '{old}', now '{new}'" in proc.stderr, name
+        assert str(run / "index" / "tokens") in proc.stderr and rebuild in proc.stderr, name
+
+
+def test_embeddings_of_another_student_are_refused(smoke_run, student_b_run, tmp_path):
+    out, _, _ = smoke_run
+    run = mixed_run(student_b_run, tmp_path)
+    for name in ("embeddings.npy", "embeddings.stamp.json"):  # the smoke student's, beside student B's index
+        shutil.copy(out / "index" / name, run / "index" / name)
+    (old, _), (new, _) = hashes(out / "index"), hashes(student_b_run / "index")
+    proc = tool("rerank_eval.py", "recipe=smoke", f"output_dir={run}", "eval.split=val", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"student_hash: saved '{old}', now '{new}'" in proc.stderr
+    assert "embeddings.npy" in proc.stderr and "python tools/build_index.py recipe=smoke" in proc.stderr
+    (run / "index" / "embeddings.stamp.json").unlink()  # an index directory of an older fastslow
+    proc = tool("rerank_eval.py", "recipe=smoke", f"output_dir={run}", "eval.split=val", check=False)
+    assert proc.returncode == 2 and "has no stamp" in proc.stderr and "tools/build_index.py" in proc.stderr
+
+
+def test_fuse_alpha_of_another_model_pair_is_refused(smoke_run, student_b_run, tmp_path):
+    out, args, _ = smoke_run
+    fused = tool("search.py", *args, "query=a red circle", "mode=fuse")  # the smoke run's own tuned weight is taken
+    assert "(fuse, k=" in fused.stdout
+    run = mixed_run(student_b_run, tmp_path, index="link")
+    shutil.copytree(out / "eval", run / "eval")  # fuse_alpha.json tuned for the smoke student, not student B
+    (old, _), (new, _) = hashes(out / "index"), hashes(student_b_run / "index")
+    proc = tool("search.py", "recipe=smoke", f"output_dir={run}", "query=a red circle", "mode=fuse", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"student_hash: saved '{old}', now '{new}'" in proc.stderr and "fuse_alpha.json" in proc.stderr
+    assert f"python tools/rerank_eval.py recipe=smoke output_dir={run}" in proc.stderr
+    # A weight given on the command line needs no file; the slow mode reads none.
+    tool("search.py", "recipe=smoke", f"output_dir={run}", "query=a red circle", "mode=fuse", "combiner.alpha=0.3")
+    tool("search.py", "recipe=smoke", f"output_dir={run}", "query=a red circle")
 
 
 @pytest.mark.parametrize("name", TOOLS)

@@ -5,11 +5,14 @@
     accelerate launch --num_processes 4 tools/build_index.py recipe=coco ...   # gallery encoding sharded across ranks
 
 The gallery is the items of the `eval.split` split. Writes ${output_dir}/index/: index.faiss and
-manifest.json (student hash, item ids, kind), embeddings.npy (exact reference), and tokens/ (the
-teacher's visual tokens, memory-mapped fp16, stamped with the teacher hash) so reranking never runs
-the teacher's backbone. Gallery encoding is resumable (chunks under index/student_chunks/).
+manifest.json (student hash, item ids, kind), embeddings.npy (exact reference) with
+embeddings.stamp.json, and tokens/ (the teacher's visual tokens, memory-mapped fp16) so reranking never
+runs the teacher's backbone. Each is stamped with what it was built from (student or teacher weights
+hash, gallery hash, image size or clip length), which rerank_eval.py and search.py check. Gallery
+encoding is resumable (chunks under index/student_chunks/).
 Under data.on_error=skip an item that cannot be read is left out of the index, the embeddings and the
-tokens, and listed (id, path, reason) under "skipped" in manifest.json and in index/skipped_files.json.
+tokens, and listed (id, path, reason) under "skipped" in manifest.json and in index/skipped_files.json;
+the gallery hash every stamp carries is then that of the items indexed.
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
@@ -32,7 +35,7 @@ def main(argv=None) -> None:
     from fastslow import stages
     from fastslow.data import SkipLedger, VisualDataset, collate
     from fastslow.evaluation import teacher_token_rows, visual_args
-    from fastslow.index import build_index, hash_ids, index_info, save_index
+    from fastslow.index import build_index, hash_ids, index_info, save_embeddings, save_index
     from teachers import TokenStore
 
     acc = Accelerator()
@@ -47,6 +50,7 @@ def main(argv=None) -> None:
     split = stages.load_split(cfg, cfg.eval.split, ledger)
     load_visual = stages.visual_loader(cfg)
     student.to(acc.device)
+    visual = stages.visual_stamp(cfg)
 
     # Student embeddings: each process encodes its share of the gallery, gathered in item order.
     from fastslow.index import encode_gallery
@@ -60,8 +64,14 @@ def main(argv=None) -> None:
         acc.prepare(loader),
         accelerator=acc,
         out_path=out / "student_chunks",
-        # With on_error: chunks written under skip lack the unreadable items, which a run under raise must meet.
-        stamp={"student_hash": student_hash, "gallery_hash": hash_ids(split.item_ids), "on_error": cfg.data.on_error},
+        # The image size is part of the key: chunks encoded at another size must not be resumed from. So is
+        # on_error: chunks written under skip lack the unreadable items, which a run under raise must meet.
+        stamp={
+            "student_hash": student_hash,
+            "gallery_hash": hash_ids(split.item_ids),
+            "on_error": cfg.data.on_error,
+            **visual,
+        },
         left_out=left_out,
     )
     t_student = time.perf_counter() - t0
@@ -69,6 +79,9 @@ def main(argv=None) -> None:
     if left_out:
         kept, split, skipped = stages.drop_unread(split, left_out, load_visual, ledger, where="index")
         emb = emb[kept]
+    # The gallery as indexed (without the items left out): what save_index puts in the manifest, hence what the
+    # embeddings' and tokens' stamps must carry for the readers' checks against the manifest.
+    gallery_hash = hash_ids(split.item_ids)
     if acc.is_main_process:
         t0 = time.perf_counter()
         index = build_index(
@@ -92,9 +105,10 @@ def main(argv=None) -> None:
                 "split": split.name,
                 "item_paths": split.item_paths,
                 "skipped": skipped,  # gallery items left out under data.on_error=skip: id, path, reason
+                **visual,
             },
         )
-        np.save(out / "embeddings.npy", emb.astype(np.float32))
+        save_embeddings(out, emb, {"student_hash": student_hash, "gallery_hash": gallery_hash, **visual})
 
         # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
         t0 = time.perf_counter()
@@ -106,15 +120,17 @@ def main(argv=None) -> None:
             chunks = teacher_token_rows(
                 teacher, split, load_visual, cfg.index.batch_size, acc.device, on_error=cfg.data.on_error,
                 ledger=ledger, where="index tokens", left_out=unread)  # fmt: skip
-            store = TokenStore.write(
+            TokenStore.write(
                 out / "tokens",
                 split.item_ids,
                 chunks,
-                meta={"teacher_hash": teacher_hash, "gallery_hash": hash_ids(split.item_ids)},
+                meta={"teacher_hash": teacher_hash, "gallery_hash": gallery_hash, **visual},
                 overwrite=True,
                 skipped=unread,
             )
         t_tokens = time.perf_counter() - t0
+        # What rerank_eval.py and search.py will check: the tokens on disk belong to the index just written.
+        store = stages.open_gallery_tokens(cfg, {"gallery_hash": gallery_hash}, teacher_hash)
         info = index_info(index)
         print(
             f"index {info['kind']} {info['params']} over {split.n_items} items of {split.name} -> {out}\n"

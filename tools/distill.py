@@ -105,6 +105,7 @@ def main(argv=None) -> None:
             n_items=train.n_items,
             tokenizer_hash=file_hash(stages.tokenizer_path(cfg)),  # the scorer encodes captions with `tok`
             max_length=cfg.data.max_length,
+            settings=stages.visual_stamp(cfg),  # the teacher saw the items at this size
         )
     if mode != "none":
         miner = None

@@ -67,40 +67,35 @@ def main(argv=None) -> None:
     check_data_files(cfg)
     configure_threads(cfg.num_threads)
 
-    import json
-
     import numpy as np
     import torch
 
     from fastslow import stages
+    from fastslow.artefacts import atomic_write_json
     from fastslow.combiner import Combiner, adaptive_k, rerank, tune_alpha
     from fastslow.data import SkipLedger
-    from fastslow.errors import UserError
     from fastslow.evaluation import StoreTeacherScorer, encode_items, encode_texts_student, ranking_matrix
-    from fastslow.index import build_index, hash_ids, load_index, search
+    from fastslow.index import build_index, hash_ids, search
     from fastslow.metrics import format_table, retrieval_metrics, write_metrics
-    from teachers import TokenStore, VisualTokens
+    from teachers import VisualTokens
 
-    out, idx_dir = stages.stage_dir(cfg, "eval"), stages.stage_dir(cfg, "index")
+    out = stages.stage_dir(cfg, "eval")
     student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
     student, _, tok = stages.load_trained(student_dir, "student")
     teacher, _, _ = stages.load_trained(teacher_dir, "teacher")
     stages.ensure_shapes(cfg)
     ledger = SkipLedger()  # what this evaluation leaves out under data.on_error=skip
     full = stages.load_split(cfg, cfg.eval.split, ledger)
-    split = stages.without_index_skips(cfg, full, idx_dir, ledger)
+    # The gallery as build_index indexed it: without the items its manifest lists as left out (data.on_error=skip).
+    split = stages.without_index_skips(cfg, full, stages.stage_dir(cfg, "index"), ledger)
     texts, t2v, n = split.captions, split.text_to_visual, split.n_items
-    index, manifest = load_index(
-        idx_dir,
-        expect={
-            "student_hash": stages.weights_hash(student_dir / "model.safetensors"),
-            "gallery_hash": hash_ids(split.item_ids),
-        },
-    )
-    store = TokenStore.open(idx_dir / "tokens")
+    student_hash = stages.weights_hash(student_dir / "model.safetensors")
     teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
-    if store.meta["meta"].get("teacher_hash") != teacher_hash:
-        raise UserError(f"{idx_dir / 'tokens'} holds tokens of another teacher: rerun tools/build_index.py")
+    # Every artefact of the index directory is checked before any work: this student and teacher, this gallery
+    # (the items indexed: a manifest whose "skipped" list does not account for the split fails this check too).
+    index, manifest = stages.open_index(cfg, student_hash, hash_ids(split.item_ids))
+    store = stages.open_gallery_tokens(cfg, manifest, teacher_hash)
+    emb = torch.from_numpy(stages.load_gallery_embeddings(cfg, manifest, student_hash))
     ml, tb = cfg.data.max_length, cfg.eval.text_batch
     scorer = StoreTeacherScorer(teacher, store, tok, ml)
     encode = lambda q: encode_texts_student(student, tok, q, max_length=ml)  # noqa: E731
@@ -123,7 +118,6 @@ def main(argv=None) -> None:
     depth = n if n <= 10_000 else max(cfg.eval.k)
     res, lat = timed(lambda q: search(index, encode(q), depth), texts, tb)
     s_idx = torch.from_numpy(np.concatenate([r[0] for r in res])), torch.from_numpy(np.concatenate([r[1] for r in res]))
-    emb = torch.from_numpy(np.load(idx_dir / "embeddings.npy"))
     res_exact, lat_exact = timed(lambda q: encode(q) @ emb.T, texts, tb)
     exact = torch.cat(res_exact)
     top10 = exact.topk(min(10, n), dim=1).indices
@@ -175,8 +169,12 @@ def main(argv=None) -> None:
         alpha, _ = tune_alpha(v_s, v_ids, candidate_scores(v_scorer, val.captions, v_ids, tb),
                               torch.as_tensor(val.text_to_visual))
         print(f"fuse: alpha={alpha} tuned on {val.name} at k={cfg.combiner.k}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fuse_alpha.json").write_text(json.dumps({"alpha": alpha, "split": val.name, "k": cfg.combiner.k}))
+        # Stamped with both models, the split and k, so search.py never fuses with a weight tuned for another pair.
+        atomic_write_json(
+            out / "fuse_alpha.json",
+            {"alpha": alpha, "split": val.name, "k": cfg.combiner.k},
+            stamp=stages.fuse_stamp(cfg, student_hash, teacher_hash, val.name),
+        )
 
     sample = texts[: cfg.eval.latency_queries]
     ks = sorted(set(min(k, n) for k in cfg.eval.k))

@@ -7,7 +7,10 @@
 Besides recipe keys (e.g. combiner.alpha=0.7), takes its own arguments: query=TEXT (repeatable),
 k=N (default combiner.k; clamped to the gallery with a warning), mode=slow|fuse|fast (default
 combiner.mode) and html=PATH (a page showing the ranked images with their scores). Needs
-${output_dir}/index from tools/build_index.py.
+${output_dir}/index from tools/build_index.py; mode=fuse without combiner.alpha uses the weight
+rerank_eval.py tuned (${output_dir}/eval/fuse_alpha.json), else 0.5. Every artefact read is checked
+against its stamp: an index of another student, teacher tokens of another teacher or gallery, or a
+fusion weight tuned for another model pair is refused, naming what differs.
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
@@ -33,6 +36,8 @@ def write_html(path, queries, results, split) -> None:
     import html
     from pathlib import Path
 
+    from fastslow.artefacts import atomic_write_text
+
     parts = [
         "<!doctype html><meta charset='utf-8'><title>fastslow search</title>",
         "<style>body{font-family:sans-serif} figure{display:inline-block;margin:4px;text-align:center;"
@@ -52,7 +57,7 @@ def write_html(path, queries, results, split) -> None:
                 f"student {h.student_score:.3f} · teacher {teacher}</figcaption></figure>"
             )
         parts.append("</div>")
-    Path(path).write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))  # a page being rewritten is never seen half-written
 
 
 def main(argv=None) -> None:
@@ -69,22 +74,28 @@ def main(argv=None) -> None:
     configure_threads(cfg.num_threads)
 
     from fastslow import stages
+    from fastslow.artefacts import check_stamp
     from fastslow.combiner import Combiner
     from fastslow.evaluation import StoreTeacherScorer, encode_texts_student
-    from fastslow.index import load_index
-    from teachers import TokenStore
 
-    idx_dir, student_dir = stages.stage_dir(cfg, "index"), stages.stage_dir(cfg, "student")
+    student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
     student, _, tok = stages.load_trained(student_dir, "student")
-    teacher, _, _ = stages.load_trained(stages.stage_dir(cfg, "teacher"), "teacher")
-    index, manifest = load_index(
-        idx_dir, expect={"student_hash": stages.weights_hash(student_dir / "model.safetensors")}
-    )
+    teacher, _, _ = stages.load_trained(teacher_dir, "teacher")
+    student_hash = stages.weights_hash(student_dir / "model.safetensors")
+    teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
+    # No gallery is loaded here: the index's manifest names it, and the teacher tokens must be of that gallery.
+    index, manifest = stages.open_index(cfg, student_hash)
     mode = own.get("mode", cfg.combiner.mode)
     alpha = cfg.combiner.alpha
     tuned = stages.stage_dir(cfg, "eval") / "fuse_alpha.json"
-    if alpha is None:  # the weight rerank_eval tuned on val, else an even mix
-        alpha = json.loads(tuned.read_text())["alpha"] if tuned.is_file() else 0.5
+    if alpha is None and mode == "fuse":  # the weight rerank_eval tuned on val, else an even mix
+        alpha = 0.5
+        if tuned.is_file():
+            # Split names are "<dataset>/<split>" (stages.load_split): the val split of the indexed gallery's data.
+            val_split = manifest.get("split", "").rpartition("/")[0] + "/val"
+            rebuild = f"{stages.rebuild_command(cfg, 'rerank_eval.py')} (it tunes the weight), or set combiner.alpha"
+            check_stamp(tuned, stages.fuse_stamp(cfg, student_hash, teacher_hash, val_split), rebuild)
+            alpha = json.loads(tuned.read_text())["alpha"]
     try:
         k = int(own.get("k", cfg.combiner.k))
     except ValueError:
@@ -94,14 +105,16 @@ def main(argv=None) -> None:
     if empty:
         shown = ", ".join(repr(own["query"][i]) for i in empty)
         raise ConfigError(f"query {shown} has no words the tokenizer knows (empty or only invisible characters)")
-    scorer = StoreTeacherScorer(teacher, TokenStore.open(idx_dir / "tokens"), tok, ml)
+    scorer = None
+    if mode != "fast":  # the student alone reads no teacher tokens
+        scorer = StoreTeacherScorer(teacher, stages.open_gallery_tokens(cfg, manifest, teacher_hash), tok, ml)
     comb = Combiner(
         lambda q: encode_texts_student(student, tok, q, max_length=ml),
         index,
-        None if mode == "fast" else scorer,
+        scorer,
         mode=mode,
         k=k,
-        alpha=alpha,
+        alpha=0.5 if alpha is None else alpha,
         logit_scale=float(student.inverse_temperature()),
     )
     try:
