@@ -103,15 +103,16 @@ class TeacherPairScorer:
             for row, why in left_out.items():
                 path = split.item_paths[row]
                 ledger.add(path, why, where="teacher tokens", captions=captions.get(path, 0))
-        self.store_dir = store_dir
+        self.store_dir, self.stamp = store_dir, stamp
         self._store = None
 
     @property
     def store(self):
         from teachers import TokenStore
 
-        if self._store is None:
-            self._store = TokenStore.open(self.store_dir)
+        if self._store is None:  # every process opens the store checked against the stamp it was (re)built with
+            rebuild = f"tools/distill.py (it rebuilds {self.store_dir} when the stamp differs)"
+            self._store = TokenStore.open(self.store_dir, expect=self.stamp, rebuild=rebuild)
         return self._store
 
     @torch.no_grad()
