@@ -34,8 +34,9 @@ from fastslow.data import (
 )
 from fastslow.data.shapes import generate_shapes
 from fastslow.distill import CandidateMiner, TeacherPairScorer
+from fastslow.errors import StaleArtefactError
 from fastslow.evaluation import evaluate_student
-from fastslow.index import encode_gallery
+from fastslow.index import encode_gallery, hash_ids, load_embeddings
 from fastslow.tokenizer import train_tokenizer
 from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 from students import create_student
@@ -224,6 +225,10 @@ def test_token_store_build_leaves_unreadable_items_out_under_skip(data, teacher,
     )
     store = TokenStore.open(tmp_path / "tokens")
     assert len(store) == train.n_items and store.skipped == bad_rows(train)  # row i is still item i
+    # The stamp and the placeholder rows sit side by side in meta.json: the checked open keeps both.
+    assert TokenStore.open(tmp_path / "tokens", expect=scorer.stamp).skipped == bad_rows(train)
+    with pytest.raises(StaleArtefactError, match="teacher_hash"):
+        TokenStore.open(tmp_path / "tokens", expect={**scorer.stamp, "teacher_hash": "another"})
     assert {Path(p).name for p in ledger.files} == {"empty.jpg", "truncated.jpg", "text.jpg"}
     assert all(e["passes"] == ["teacher tokens"] for e in ledger.files.values())
     row = min(bad_rows(train))
@@ -346,6 +351,32 @@ def test_skip_run_accounts_for_every_bad_file_in_every_stage(skip_run, bad_root)
     assert "flickr30k/test: 1 of 9 items and 1 of 17 queries left out: build_index could not read them" in text
     assert "flickr30k/test: 16 queries, 8 items (left out: 1 of 17 queries, 1 of 9 items)" in text
     assert json.loads((out / "eval" / SKIP_FILE).read_text())["files"][0]["path"] == broken
+
+
+@pytest.mark.slow
+def test_an_index_built_under_skip_is_stamped_over_the_items_it_indexed(skip_run, bad_root):
+    out, _ = skip_run
+    index_dir = out / "index"
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    indexed = manifest["gallery_hash"]
+    assert indexed == hash_ids(manifest["item_ids"])  # the 8 items indexed, not the 9 of the split
+    # Embeddings and tokens carry that gallery, so the checks every reader makes against the manifest pass ...
+    emb = load_embeddings(index_dir, expect={"student_hash": manifest["student_hash"], "gallery_hash": indexed,
+                                             "data.image_size": IMAGE_SIZE})  # fmt: skip
+    assert emb.shape[0] == 8 and np.isfinite(emb).all()  # the unread item's NaN row is not among them
+    expect = {"teacher_hash": manifest["teacher_hash"], "gallery_hash": indexed, "data.image_size": IMAGE_SIZE}
+    store = TokenStore.open(index_dir / "tokens", expect=expect)
+    assert store.ids == manifest["item_ids"] and store.skipped == {}  # the student pass already left it out
+    # ... while the resumable chunks are keyed by the whole split and by on_error, so a run under raise re-encodes.
+    chunks = json.loads((index_dir / "student_chunks" / "meta.json").read_text())["stamp"]
+    # (Read before test_gallery_encoding_under_raise_..., whose run under raise restamps them.)
+    chunks = {key: chunks[key] for key in ("on_error", "data.image_size", "gallery_hash")}
+    test = load_karpathy(bad_root / "dataset_flickr30k.json", bad_root / "images", "test", on_error="skip")
+    assert test.n_items == 9 and BAD_TEST in test.item_ids
+    assert chunks == {"on_error": "skip", "data.image_size": IMAGE_SIZE, "gallery_hash": hash_ids(test.item_ids)}
+    # A reader that expects the whole split (as an index built under raise has) refuses these tokens, naming it.
+    with pytest.raises(StaleArtefactError, match="gallery_hash"):
+        TokenStore.open(index_dir / "tokens", expect={**expect, "gallery_hash": chunks["gallery_hash"]})
 
 
 @pytest.mark.slow
