@@ -27,11 +27,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from fastslow.data import RetrievalSplit
-from fastslow.evaluation import encode_items_student, encode_texts_student, iter_items, visual_args
+from fastslow.data import RetrievalSplit, captions_per_path
+from fastslow.evaluation import encode_items, encode_texts_student, teacher_token_rows, visual_args
 from fastslow.losses import TEACHER_NORMS, ClipLoss, DistillLoss, teacher_logits, teacher_matches
 from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_negatives, swap_words
 from fastslow.score_cache import TeacherScoreCache
@@ -59,6 +60,9 @@ class TeacherPairScorer:
         store_dir: where the teacher's visual tokens for the split's items live (built when absent or
             built by another teacher).
         chunk: pairs per teacher call (bounds memory).
+        on_error, ledger: ``data.on_error`` and the run's `SkipLedger`: under ``"skip"`` an item that cannot be
+            read gets a placeholder row the store refuses to hand out (`TokenStore`); such a store is rebuilt by a
+            run under ``"raise"``, which wants every item.
     """
 
     def __init__(
@@ -72,6 +76,8 @@ class TeacherPairScorer:
         store_dir: str | Path,
         chunk: int = 2048,
         is_main: bool = True,
+        on_error: str = "raise",
+        ledger=None,
     ):
         from teachers import TokenStore
 
@@ -82,23 +88,31 @@ class TeacherPairScorer:
         store_dir = Path(store_dir)
         stamp = {"teacher_hash": teacher_hash, "split_hash": split_hash(split)}
         meta_path = store_dir / "meta.json"
-        built = json.loads(meta_path.read_text()).get("meta", {}) if meta_path.is_file() else {}
-        if any(built.get(k) != v for k, v in stamp.items()) and is_main:  # absent, or made by another teacher
+        info = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        built, left_out = info.get("meta", {}), {int(r): why for r, why in info.get("skipped", {}).items()}
+        stale = any(built.get(k) != v for k, v in stamp.items()) or bool(left_out and on_error == "raise")
+        if stale and is_main:  # absent, made by another teacher, or with rows a run under "raise" must not lack
+            left_out = {}
             with torch.no_grad():
-                chunks = (
-                    self.teacher.encode_visual(*args).to(device="cpu")
-                    for _, args in iter_items(split, load_visual, 64, self.device)
-                )
-                TokenStore.write(store_dir, split.item_ids, chunks, meta=stamp, overwrite=True)
-        self.store_dir = store_dir
+                chunks = teacher_token_rows(
+                    self.teacher, split, load_visual, 64, self.device, on_error=on_error, ledger=ledger,
+                    left_out=left_out)  # fmt: skip
+                TokenStore.write(store_dir, split.item_ids, chunks, meta=stamp, overwrite=True, skipped=left_out)
+        elif is_main and ledger is not None:  # a reused store still lacks the items it could not read then
+            captions = captions_per_path(split)
+            for row, why in left_out.items():
+                path = split.item_paths[row]
+                ledger.add(path, why, where="teacher tokens", captions=captions.get(path, 0))
+        self.store_dir, self.stamp = store_dir, stamp
         self._store = None
 
     @property
     def store(self):
         from teachers import TokenStore
 
-        if self._store is None:
-            self._store = TokenStore.open(self.store_dir)
+        if self._store is None:  # every process opens the store checked against the stamp it was (re)built with
+            rebuild = f"tools/distill.py (it rebuilds {self.store_dir} when the stamp differs)"
+            self._store = TokenStore.open(self.store_dir, expect=self.stamp, rebuild=rebuild)
         return self._store
 
     @torch.no_grad()
@@ -170,9 +184,21 @@ class CandidateMiner:
 
     Every rank encodes the whole training split (simple and identical on every rank; the cost is
     one gallery encoding per refresh), so no collective is needed to look candidates up.
+
+    Under ``on_error="skip"`` an item that cannot be read is recorded in ``ledger``, its bank row is zeros
+    and it is in ``left_out``, which every search excludes: it is never anyone's hard negative.
     """
 
-    def __init__(self, split: RetrievalSplit, load_visual, tokenizer: TextTokenizer, max_length: int, k: int):
+    def __init__(
+        self,
+        split: RetrievalSplit,
+        load_visual,
+        tokenizer: TextTokenizer,
+        max_length: int,
+        k: int,
+        on_error: str = "raise",
+        ledger=None,
+    ):
         self.split, self.load_visual, self.tokenizer, self.max_length, self.k = (
             split,
             load_visual,
@@ -180,8 +206,10 @@ class CandidateMiner:
             max_length,
             k,
         )
+        self.on_error, self.ledger = on_error, ledger
         self.item_emb: torch.Tensor | None = None
         self.mined: torch.Tensor | None = None
+        self.left_out = torch.zeros(0, dtype=torch.long)  # items of the bank that could not be read
         self.rounds = 0
 
     @torch.no_grad()
@@ -193,11 +221,20 @@ class CandidateMiner:
         (`search`)."""
         was_training = student.training
         student.eval()
-        self.item_emb = encode_items_student(student, self.split, self.load_visual)
+        out, kept = encode_items(
+            student.encode_visual, self.split, self.load_visual, 128, next(student.parameters()).device,
+            on_error=self.on_error, ledger=self.ledger, where="miner")  # fmt: skip
+        emb = torch.cat([o.float().cpu() for o in out])
+        if len(kept) < self.split.n_items:  # unreadable items keep zero rows, and every search excludes them
+            emb = torch.zeros(self.split.n_items, emb.shape[1]).index_copy_(0, kept, emb)
+        self.item_emb = emb
+        self.left_out = torch.from_numpy(np.setdiff1d(np.arange(self.split.n_items), kept.numpy()))
         if texts:
             text_emb = encode_texts_student(student, self.tokenizer, self.split.captions, max_length=self.max_length)
             positives = torch.as_tensor(self.split.text_to_visual)
-            self.mined = mine_hard_negatives(text_emb.numpy(), self.item_emb.numpy(), positives, self.k)
+            self.mined = mine_hard_negatives(
+                text_emb.numpy(), self.item_emb.numpy(), positives, self.k, exclude=self.left_out
+            )
         self.rounds += 1
         student.train(was_training)
 
@@ -209,18 +246,21 @@ class CandidateMiner:
         text_emb = student.encode_text(input_ids, attention_mask).float().cpu()
         student.train(was_training)
         positives = torch.as_tensor(self.split.text_to_visual)[torch.as_tensor(text_index).cpu()]
-        return mine_hard_negatives(text_emb.numpy(), self.item_emb.numpy(), positives, self.k)
+        return mine_hard_negatives(text_emb.numpy(), self.item_emb.numpy(), positives, self.k, exclude=self.left_out)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The bank travels with checkpoints: a resumed run must mine from the same embeddings."""
         if self.item_emb is None:
             return {}
         state = {"item_emb": self.item_emb, "rounds": torch.tensor(self.rounds)}
+        if len(self.left_out):
+            state["left_out"] = self.left_out
         return state if self.mined is None else {**state, "mined": self.mined}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             self.item_emb, self.mined, self.rounds = state["item_emb"], state.get("mined"), int(state["rounds"])
+            self.left_out = state.get("left_out", torch.zeros(0, dtype=torch.long))
 
     def candidates(self, text_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cand [B, K+1] item indices with the positive first, mask [B, K+1]) for the batch's texts."""

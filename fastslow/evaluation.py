@@ -4,6 +4,11 @@ training, `rerank_eval`, `build_index` and the benchmarks.
 Everything here runs without gradients, batched, with bounded memory: galleries are encoded in
 batches, and the teacher's [n_text, n_item] matrix is filled in text blocks (the teacher chunks the
 item side itself).
+
+Bad input (``on_error``): under ``"raise"`` (the default) an item that cannot be read stops the pass with the
+loader's `DataError`, which names the file. Under ``"skip"`` the pass leaves it out and records it in the run's
+`SkipLedger` (required then, so that nothing is dropped unseen); the evaluations score the items that were read
+and their captions, and say how many of each were left out (``left_out_items``, ``left_out_texts``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from fastslow.data import RetrievalSplit, VisualDataset, collate
+from fastslow.data import RetrievalSplit, SkipLedger, VisualDataset, captions_per_path, collate
+from fastslow.data.datasets import check_on_error
 from fastslow.metrics import retrieval_metrics
 from fastslow.tokenizer import TextTokenizer
 
@@ -25,13 +31,73 @@ def visual_args(batch: dict) -> tuple[torch.Tensor, ...]:
     return (batch["features"], batch["frame_mask"])
 
 
-def iter_items(split: RetrievalSplit, load_visual: Callable, batch_size: int, device: torch.device | str = "cpu"):
-    """Yield `(item_index [b], visual args)` over every item of the split, in order."""
-    loader = DataLoader(VisualDataset(split, load_visual), batch_size=batch_size, shuffle=False, collate_fn=collate)
+def iter_items(
+    split: RetrievalSplit,
+    load_visual: Callable,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    on_error: str = "raise",
+    ledger: SkipLedger | None = None,
+    where: str = "items",
+):
+    """Yield `(item_index [b], visual args)` over every item of the split that can be read, in order.
+
+    Args:
+        split, load_visual, batch_size, device: what to read, how, in batches of how many, onto which device.
+        on_error: ``"raise"``: an unreadable item raises its `DataError`. ``"skip"``: it is not yielded and is
+            recorded in ``ledger`` (with the captions it carries and ``where``, the name of the pass).
+        ledger: the run's `SkipLedger`; required under ``"skip"``.
+        where: the pass, as the ledger lists it (``"val"``, ``"miner"``, ``"teacher tokens"``, ...).
+    """
+    if check_on_error(on_error) == "skip" and ledger is None:
+        raise ValueError("iter_items(on_error='skip') needs a SkipLedger to record the items it leaves out")
+    dataset = VisualDataset(split, load_visual, on_error=on_error)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    captions = None  # path -> captions, computed once, on the first skip
     for batch in loader:
+        if batch["skipped"]:
+            captions = captions_per_path(split) if captions is None else captions
+            ledger.add_batch(batch["skipped"], captions, where=where)
         if batch.get("empty", False):
             continue
         yield batch["item_index"], tuple(x.to(device) for x in visual_args(batch))
+
+
+@torch.no_grad()
+def encode_items(
+    encode: Callable,
+    split: RetrievalSplit,
+    load_visual: Callable,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    on_error: str = "raise",
+    ledger: SkipLedger | None = None,
+    where: str = "items",
+) -> tuple[list, torch.Tensor]:
+    """``encode(*visual_args)`` of every item that can be read (see `iter_items` for ``on_error``).
+
+    Returns:
+        ``(outputs, kept)``: the per-batch outputs in item order, and ``kept`` [m] long, the item indices they
+        cover (``arange(n_items)`` unless items were left out under ``"skip"``).
+    """
+    outputs, kept = [], []
+    for index, args in iter_items(
+        split, load_visual, batch_size, device, on_error=on_error, ledger=ledger, where=where
+    ):
+        outputs.append(encode(*args))
+        kept.append(index)
+    if not kept:
+        raise ValueError(f"no item of {split.name} could be read ({split.n_items} tried): nothing to encode")
+    return outputs, torch.cat(kept)
+
+
+def _left_out(metrics: dict, split: RetrievalSplit, kept: RetrievalSplit) -> dict:
+    """``metrics`` plus how many items and captions of ``split`` were left out, when any were."""
+    if kept.n_items == split.n_items:
+        return metrics
+    return {**metrics, "left_out_items": split.n_items - kept.n_items, "left_out_texts": split.n_texts - kept.n_texts}
 
 
 def tokenize(tokenizer: TextTokenizer, texts: list[str], max_length: int, device="cpu") -> tuple[torch.Tensor, ...]:
@@ -47,6 +113,55 @@ def encode_items_teacher(teacher, split: RetrievalSplit, load_visual: Callable, 
     device = next(teacher.parameters()).device
     chunks = [teacher.encode_visual(*args) for _, args in iter_items(split, load_visual, batch_size, device)]
     return VisualTokens.cat(chunks)
+
+
+def teacher_token_rows(
+    teacher,
+    split: RetrievalSplit,
+    load_visual: Callable,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    on_error: str = "raise",
+    ledger: SkipLedger | None = None,
+    where: str = "teacher tokens",
+    left_out: dict[int, str] | None = None,
+):
+    """Yield the teacher's visual tokens (on the CPU) for every row of ``split``, in item order: the chunks
+    `TokenStore.write` takes, so that row i of the store is item i.
+
+    Under ``on_error="skip"`` a row whose item cannot be read holds zeros (placeholders, never scores: the store
+    refuses them) and ``left_out[row]`` is set to its reason as the chunks are consumed. Call it under
+    ``torch.no_grad()`` (a generator cannot hold the grad mode for its caller).
+    """
+    from teachers import VisualTokens
+
+    if left_out is None and on_error == "skip":
+        raise ValueError("teacher_token_rows(on_error='skip') needs a left_out dict to list the rows it leaves empty")
+    row, shape = 0, None  # next row to yield; a real chunk's tokens [N, D] and mask width, for placeholders
+
+    def placeholders(lo: int, hi: int, index: torch.Tensor | None = None, real=None):
+        for r in set(range(lo, hi)) - set([] if index is None else index.tolist()):
+            left_out[r] = ledger.reason(split.item_paths[r])  # iter_items recorded it before leaving it out
+        tokens = torch.zeros((hi - lo, *shape[0]))
+        mask = None if shape[1] is None else torch.ones((hi - lo, shape[1]), dtype=torch.bool)
+        if real is not None:
+            tokens[index - lo] = real.tokens.float()
+            if mask is not None:
+                mask[index - lo] = real.mask
+        return VisualTokens(tokens, mask)
+
+    items = iter_items(split, load_visual, batch_size, device, on_error=on_error, ledger=ledger, where=where)
+    for index, args in items:
+        chunk = teacher.encode_visual(*args).to(device="cpu")
+        shape = (tuple(chunk.tokens.shape[1:]), None if chunk.mask is None else chunk.mask.shape[1])
+        hi = int(index[-1]) + 1
+        yield chunk if hi - row == len(index) else placeholders(row, hi, index, chunk)
+        row = hi
+    if row < split.n_items:  # the last items could not be read
+        if shape is None:
+            raise ValueError(f"no item of {split.name} could be read ({split.n_items} tried): no teacher tokens")
+        yield placeholders(row, split.n_items)
 
 
 @torch.no_grad()
@@ -91,22 +206,49 @@ def evaluate_teacher(
     *,
     max_length: int,
     text_batch: int = 64,
+    on_error: str = "raise",
+    ledger: SkipLedger | None = None,
+    where: str = "eval",
 ) -> dict[str, float]:
-    """Full-ranking retrieval metrics of the teacher on a split (every text against every item)."""
-    visual = encode_items_teacher(teacher, split, load_visual)
-    scores = teacher_score_matrix(
-        teacher, visual, tokenizer, split.captions, max_length=max_length, text_batch=text_batch
+    """Full-ranking retrieval metrics of the teacher on a split (every text against every item).
+
+    Under ``on_error="skip"`` the items that cannot be read and their captions are left out of the ranking
+    and counted in ``left_out_items`` / ``left_out_texts`` (see `iter_items`).
+    """
+    from teachers import VisualTokens
+
+    device = next(teacher.parameters()).device
+    chunks, kept = encode_items(
+        teacher.encode_visual, split, load_visual, 64, device, on_error=on_error, ledger=ledger, where=where
     )
-    return retrieval_metrics(scores, split.text_to_visual)
+    read = split if len(kept) == split.n_items else split.select_items(kept.tolist())
+    scores = teacher_score_matrix(
+        teacher, VisualTokens.cat(chunks), tokenizer, read.captions, max_length=max_length, text_batch=text_batch
+    )
+    return _left_out(retrieval_metrics(scores, read.text_to_visual), split, read)
 
 
 def evaluate_student(
-    student, split: RetrievalSplit, load_visual: Callable, tokenizer: TextTokenizer, *, max_length: int
+    student,
+    split: RetrievalSplit,
+    load_visual: Callable,
+    tokenizer: TextTokenizer,
+    *,
+    max_length: int,
+    on_error: str = "raise",
+    ledger: SkipLedger | None = None,
+    where: str = "eval",
 ) -> dict[str, float]:
-    """Exact (brute-force dot product) retrieval metrics of the student on a split."""
-    items = encode_items_student(student, split, load_visual)
-    texts = encode_texts_student(student, tokenizer, split.captions, max_length=max_length)
-    return retrieval_metrics(texts @ items.T, split.text_to_visual)
+    """Exact (brute-force dot product) retrieval metrics of the student on a split (``on_error``: see
+    `evaluate_teacher`)."""
+    device = next(student.parameters()).device
+    out, kept = encode_items(
+        student.encode_visual, split, load_visual, 128, device, on_error=on_error, ledger=ledger, where=where
+    )
+    read = split if len(kept) == split.n_items else split.select_items(kept.tolist())
+    items = torch.cat([o.float().cpu() for o in out])
+    texts = encode_texts_student(student, tokenizer, read.captions, max_length=max_length)
+    return _left_out(retrieval_metrics(texts @ items.T, read.text_to_visual), split, read)
 
 
 class StoreTeacherScorer:

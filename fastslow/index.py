@@ -496,6 +496,7 @@ def encode_gallery(
     n_items: int | None = None,
     stamp: dict[str, Any] | None = None,
     progress: bool = True,
+    left_out: list[int] | None = None,
 ) -> np.ndarray:
     """Encode every gallery item with the student, optionally sharded across processes and resumable.
 
@@ -515,13 +516,17 @@ def encode_gallery(
         n_items: gallery size; default ``len(loader.dataset)`` when available, else ``max(item_index) + 1``.
         stamp: JSON-serialisable identity of the run (e.g. student hash, gallery hash) checked on resume.
         progress: show a progress bar on the main process.
+        left_out: None (the default): every item must get an embedding. A list: the loader runs under
+            ``data.on_error=skip``, so its batches may hold fewer items than asked, or none (``batch["empty"]``,
+            not passed to ``encode_fn``); the items that got no embedding are appended to the list (every
+            process gets the same list) and their rows are NaN, for the caller to leave out of the index.
 
     Returns:
         [n_items, E] float32 embeddings, row i for item i, on every process.
 
     Raises:
-        ValueError: a batch has no ``item_index``, or some item in 0..n_items-1 got no embedding (e.g. it failed
-            to load under ``on_error=skip``).
+        ValueError: a batch has no ``item_index``, or some item in 0..n_items-1 got no embedding while
+            ``left_out`` is None (e.g. it failed to load under ``on_error=skip``).
     """
     from tqdm.auto import tqdm
 
@@ -568,13 +573,16 @@ def encode_gallery(
     for step, batch in enumerate(steps, start=done):
         if "item_index" not in batch:
             raise ValueError("gallery batches must carry 'item_index' (the item's row in the gallery)")
-        with torch.no_grad():
-            emb = encode_fn(batch)
-        idx = torch.as_tensor(batch["item_index"]).to(emb.device)
-        if accelerator is not None:
-            emb, idx = accelerator.gather_for_metrics((emb.contiguous(), idx.contiguous()))
-        idx_np = idx.cpu().numpy().astype(np.int64)
-        emb_np = emb.detach().float().cpu().numpy()
+        if left_out is None:
+            with torch.no_grad():
+                emb = encode_fn(batch)
+            idx = torch.as_tensor(batch["item_index"]).to(emb.device)
+            if accelerator is not None:
+                emb, idx = accelerator.gather_for_metrics((emb.contiguous(), idx.contiguous()))
+            idx_np = idx.cpu().numpy().astype(np.int64)
+            emb_np = emb.detach().float().cpu().numpy()
+        else:
+            idx_np, emb_np = _encode_step_skipping(encode_fn, batch, accelerator)
         if out is not None:
             if is_main:
                 _save_chunk(_chunk_path(out, step), idx_np, emb_np)
@@ -592,8 +600,9 @@ def encode_gallery(
                 parts.append((z["item_index"], z["embeddings"]))
     else:
         parts = in_memory
+    parts = [p for p in parts if len(p[0])]  # under skip, a step whose every item failed holds none
     if not parts:
-        raise ValueError("the gallery loader yielded no batches")
+        raise ValueError("the gallery loader yielded no batches" if left_out is None else "no gallery item loaded")
     idx_all = np.concatenate([p[0] for p in parts])
     emb_all = np.concatenate([p[1] for p in parts])
     if n_items is None:
@@ -602,14 +611,41 @@ def encode_gallery(
     # An item seen twice (padding that was not dropped) has the same embedding both times: keep the first.
     uniq, first = np.unique(idx_all, return_index=True)
     missing = np.setdiff1d(np.arange(n_items), uniq)
-    if len(missing) or (len(uniq) and (uniq[0] < 0 or uniq[-1] >= n_items)):
+    if (len(missing) and left_out is None) or (len(uniq) and (uniq[0] < 0 or uniq[-1] >= n_items)):
         raise ValueError(
             f"{len(missing)} of {n_items} gallery items got no embedding (first: {missing[:5].tolist()}); "
             f"item_index values span {uniq.min()}..{uniq.max()}: every item must load to be indexed"
         )
-    result = np.empty((n_items, emb_all.shape[1]), np.float32)
+    result = np.full((n_items, emb_all.shape[1]), np.nan, np.float32)
     result[uniq] = emb_all[first]
+    if left_out is not None:
+        left_out.extend(int(i) for i in missing)
     return result
+
+
+def _encode_step_skipping(encode_fn, batch: dict[str, Any], accelerator: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One step of `encode_gallery` under ``on_error=skip``: ``(item_index [b], embeddings [b, E])`` of every
+    process's batch.
+
+    The processes' batches differ in size (or are empty) once items fail to load, which a tensor gather cannot
+    take, and ``gather_for_metrics`` would trim the duplicated tail of the last step at the wrong place: so the
+    arrays are gathered as objects, and the duplicates dropped later by item index.
+    """
+    if batch.get("empty", False):
+        mine = (np.zeros(0, np.int64), None)
+    else:
+        with torch.no_grad():
+            emb = encode_fn(batch)
+        mine = (torch.as_tensor(batch["item_index"]).cpu().numpy().astype(np.int64), emb.detach().float().cpu().numpy())
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = [p for p in gather_object([mine]) if p[1] is not None]
+    else:
+        parts = [mine] if mine[1] is not None else []
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 __all__ = [

@@ -68,6 +68,7 @@ def mine_hard_negatives(
     index_kind: str = "flat",
     index_params: dict[str, Any] | None = None,
     query_batch: int = 65536,
+    exclude: torch.Tensor | np.ndarray | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Each text's ``k`` highest-scoring items under the student, its positive item(s) removed.
 
@@ -83,6 +84,8 @@ def mine_hard_negatives(
             (``ivf``, ``ivfpq``, ``hnsw``) for very large galleries.
         index_params: extra keyword arguments for ``build_index`` (``nlist``, ``nprobe``, ``use_gpu``, ...).
         query_batch: texts searched per faiss call (bounds the [batch, k + P] result buffers).
+        exclude: items never returned, e.g. items whose file could not be read under ``data.on_error=skip``
+            (their rows in ``item_emb`` are placeholders, not embeddings).
 
     Returns:
         [Q, k] int64 item indices, best first. When fewer than ``k`` items remain for a text (a gallery smaller
@@ -108,7 +111,8 @@ def mine_hard_negatives(
 
     # Ask for enough hits that k remain after removing the positives; never more than the gallery (no faiss warning).
     n_pos = int((pos >= 0).sum(axis=1).max()) if exclude_positives else 0
-    depth = min(k + n_pos, n_items)
+    excluded = np.unique(np.asarray(torch.as_tensor(exclude).cpu() if exclude is not None else [], dtype=np.int64))
+    depth = min(k + n_pos + len(excluded), n_items)
     index = build_index(items, index_kind, **(index_params or {}))
     out = np.empty((n_texts, k), np.int64)
     for start in range(0, n_texts, query_batch):
@@ -117,6 +121,8 @@ def mine_hard_negatives(
         keep = ids >= 0  # approximate kinds pad missing hits with -1
         if exclude_positives:
             keep &= ~(ids[:, :, None] == pos[start:stop, None, :]).any(axis=2)
+        if len(excluded):
+            keep &= ~np.isin(ids, excluded)
         out[start:stop] = _compact_rows(ids, keep, k)
     return torch.from_numpy(out)
 

@@ -22,12 +22,17 @@ from fastslow.data import (
     FeatureLoader,
     ImageLoader,
     RetrievalSplit,
+    SkipLedger,
+    captions_per_path,
+    gather_ledger,
     load_karpathy,
     load_vatex,
     read_vatex_ids,
+    reason_of,
     report_skipped,
     vatex_retrieval_split,
 )
+from fastslow.errors import UserError
 from fastslow.tokenizer import TextTokenizer, load_pretrained_tokenizer, train_tokenizer
 
 IMAGE_DATASETS = ("shapes", "karpathy")
@@ -158,11 +163,12 @@ def ensure_shapes(cfg: DictConfig, accelerator=None) -> None:
         accelerator.wait_for_everyone()
 
 
-def load_split(cfg: DictConfig, split: str) -> RetrievalSplit:
+def load_split(cfg: DictConfig, split: str, ledger: SkipLedger | None = None) -> RetrievalSplit:
     """One split (train | val | test) of the recipe's dataset, failing fast on missing files.
 
     Under `data.on_error=skip` the items dropped at load time (missing file, no captions) are reported
-    here, on the main process: the trainer only counts what fails later, while reading a batch.
+    here, on the main process, and recorded in the run's `ledger` when one is given: the passes that read
+    items later record what fails while reading.
     """
     d = cfg.data
     if d.dataset in IMAGE_DATASETS:
@@ -183,7 +189,79 @@ def load_split(cfg: DictConfig, split: str) -> RetrievalSplit:
             f"{report_skipped(out.skipped)}",
             flush=True,
         )
+    if ledger is not None:
+        ledger.add_split(out)
     return out
+
+
+def drop_unread(
+    split: RetrievalSplit, left_out: list[int], load_visual, ledger: SkipLedger, where: str
+) -> tuple[list[int], RetrievalSplit, list[dict[str, str]]]:
+    """Leave the items a pass could not read (``left_out``, indices) out of ``split``, recording each in ``ledger``.
+
+    The reason of each is asked of the file again (`reason_of`): a sharded, resumable pass (`encode_gallery`)
+    keeps which items got no embedding, not why. An item that loads now got no embedding for another reason,
+    which is a bug, not bad input: it raises.
+
+    Returns:
+        ``(kept, split without them, [{"id", "path", "reason"}, ...])``, ``kept`` the indices of the items left.
+    """
+    captions, skipped = captions_per_path(split), []
+    for i in sorted(left_out):
+        path = split.item_paths[i]
+        reason = reason_of(load_visual, path)
+        if reason is None:
+            raise RuntimeError(f"{split.name} item {split.item_ids[i]} ({path}) got no embedding, yet it loads")
+        ledger.add(path, reason, where=where, captions=captions.get(path, 0))
+        skipped.append({"id": split.item_ids[i], "path": path, "reason": reason})
+    kept = sorted(set(range(split.n_items)) - set(left_out))
+    out = split.select_items(kept)
+    if is_main():
+        print(
+            f"{split.name}: {len(skipped)} of {split.n_items} items could not be read and are left out, with "
+            f"{split.n_texts - out.n_texts} of {split.n_texts} captions (data.on_error=skip)",
+            flush=True,
+        )
+    return kept, out, skipped
+
+
+def without_index_skips(cfg: DictConfig, split: RetrievalSplit, index_dir: Path, ledger: SkipLedger) -> RetrievalSplit:
+    """The gallery as build_index indexed it: `split` without the items it left out under data.on_error=skip
+    (``"skipped"`` in ``index/manifest.json``), which are recorded in `ledger`, and without their captions
+    (queries whose item is not in the index). Under data.on_error=raise such an index is refused."""
+    path = Path(index_dir) / "manifest.json"
+    skipped = json.loads(path.read_text()).get("skipped", []) if path.is_file() else []
+    if not skipped:
+        return split
+    if cfg.data.on_error != "skip":
+        raise UserError(
+            f"the index at {index_dir} left out {len(skipped)} of {split.n_items} items of {split.name} that could "
+            f"not be read (e.g. {skipped[0]['path']}: {skipped[0]['reason']}; built with data.on_error=skip): set "
+            f"data.on_error=skip to evaluate without them, or fix the files and rerun "
+            f"{rebuild_command(cfg, 'build_index.py')}"
+        )
+    gone = {entry["id"] for entry in skipped}
+    captions = captions_per_path(split)
+    for entry in skipped:
+        ledger.add(entry["path"], entry["reason"], where="index", captions=captions.get(entry["path"], 0))
+    out = split.select_items([i for i, item in enumerate(split.item_ids) if item not in gone])
+    print(
+        f"{split.name}: {split.n_items - out.n_items} of {split.n_items} items and {split.n_texts - out.n_texts} of "
+        f"{split.n_texts} queries left out: build_index could not read them (data.on_error=skip; listed in {path})",
+        flush=True,
+    )
+    return out
+
+
+def finish_skips(ledger: SkipLedger, directory: Path, accelerator=None) -> None:
+    """The end of a run that reads items outside the trainer (build_index, rerank_eval): every process's
+    ledger united, one line for every distinct file left out, and the list in `directory/skipped_files.json`
+    (a stale list from an earlier run is removed). A collective when `accelerator` has several processes."""
+    gather_ledger(ledger, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        path = ledger.save(directory)
+        if path is not None:
+            print(f"left out by this run (data.on_error=skip): {ledger.report()}; list in {path}", flush=True)
 
 
 def visual_loader(cfg: DictConfig):
@@ -303,12 +381,14 @@ def save_run_config(cfg: DictConfig, directory: Path) -> Path:
     return path
 
 
-def prepare_training(cfg: DictConfig, accelerator) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer, Any]:
+def prepare_training(
+    cfg: DictConfig, accelerator, ledger: SkipLedger | None = None
+) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer, Any]:
     """What both training stages start from: the config shown, the data in place, the train and val
-    splits, the run's tokenizer and the item loader."""
+    splits (their load-time drops recorded in `ledger`), the run's tokenizer and the item loader."""
     print_config(cfg, accelerator)
     ensure_shapes(cfg, accelerator)
-    train, val = load_split(cfg, "train"), load_split(cfg, "val")
+    train, val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
     return train, val, get_tokenizer(cfg, train, accelerator), visual_loader(cfg)
 
 

@@ -32,8 +32,14 @@ What the trainer guarantees:
   unpickled. Under DeepSpeed its engine's files are loaded with `torch.load(weights_only=True)` and
   an allow-list of DeepSpeed's own types. The manifest is verified before any file is opened.
 - **Loud failure.** A non-finite loss stops the run naming the step, the batch's item/text ids and
-  the last good checkpoint. Samples dropped under `data.on_error=skip` are counted and reported at
-  the end of every epoch.
+  the last good checkpoint.
+- **No silent drops.** Samples dropped under `data.on_error=skip` are counted (per reason, at the end
+  of every epoch) and their files recorded in the run's `SkipLedger`, with whatever other passes
+  (load-time checks, token store, miner, validation) recorded there. At every checkpoint and at the
+  end the counts are summed and the ledgers united over processes (and kept in the checkpoint, so a
+  resumed run still accounts for them); the run ends with one line for every distinct file, e.g.
+  "4 files skipped (1 missing, 1 empty, 1 truncated, 1 not an image), 6 caption samples", and the list
+  in `out_dir/skipped_files.json`.
 """
 
 from __future__ import annotations
@@ -55,13 +61,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fastslow.artefacts import atomic_path, atomic_write_json, commit_dir, verify_manifest, write_manifest
+from fastslow.data.skips import SkipLedger, captions_per_path
 from fastslow.errors import UserError
 
 CKPT_PREFIX = "step_"
@@ -164,7 +171,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # batches consumed (step * grad_accum)
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, over the whole run
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> samples, all processes, to the last sync
+    skipped_files: dict[str, Any] = field(default_factory=dict)  # the run's SkipLedger (state_dict), ditto
     history: list[dict[str, Any]] = field(default_factory=list)  # validation results
     run_id: str = ""  # which run wrote the checkpoint: pruning and set-aside go by it
     accelerator_step: int = 0  # accelerate's micro-step counter (gradient-accumulation phase)
@@ -400,6 +408,8 @@ class Trainer:
             (as safetensors, main process) in every checkpoint and restored on resume (e.g. the
             mined-candidate bank).
         num_workers: DataLoader workers.
+        skip_ledger: the run's `SkipLedger` (the tool's, holding what earlier passes left out); the trainer
+            adds the files its batches drop and reports the whole ledger at the end. A new one when None.
     """
 
     def __init__(
@@ -418,6 +428,7 @@ class Trainer:
         extra_files: dict[str, str | os.PathLike] | None = None,
         checkpoint_objects: list | None = None,
         num_workers: int = 0,
+        skip_ledger: SkipLedger | None = None,
     ):
         self.cfg, self.seed, self.out_dir = cfg, seed, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -429,6 +440,9 @@ class Trainer:
         self.extra_files = {k: Path(v) for k, v in (extra_files or {}).items()}
         self.batches = EpochBatches(len(dataset), cfg.batch_size, seed, acc.process_index, acc.num_processes)
         self.state = TrainState()
+        self.skip_ledger = SkipLedger() if skip_ledger is None else skip_ledger
+        self._skips_since_sync: dict[str, int] = {}  # this process's dropped samples since `_sync_skips`
+        self._captions: dict[str, int] | None = None  # path -> captions of the dataset's split, on the first skip
 
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -603,6 +617,7 @@ class Trainer:
         raw = _load_json(path / "trainer_state.json")
         self._load_checkpoint(path)
         self.state = TrainState(**raw)
+        self.skip_ledger.merge(self.state.skipped_files)  # what the run had left out before it stopped
         acc.step = self.state.accelerator_step
         if changed := decision["changed"]:
             self._apply_schedule()
@@ -680,6 +695,7 @@ class Trainer:
         if self._deepspeed:  # every rank writes its ZeRO partition
             self.model.save_checkpoint(str(tmp / "state"), tag=_DS_TAG)
         state_dict = self.model_state_dict()  # collective under ZeRO: every rank calls it
+        self._sync_skips()  # collective: the checkpoint holds every process's skips
         _save_state(rng_state(), tmp / f"rng_{acc.process_index}", "RNG state")
         if acc.is_main_process:
             save_safetensors(state_dict, tmp / "model.safetensors")
@@ -730,21 +746,70 @@ class Trainer:
             yield from loader
             self._report_skipped(epoch)
 
+    def _skip_counts(self) -> dict[str, int]:
+        """Dropped samples per reason: all processes up to the last sync, plus this process's since."""
+        counts = dict(self.state.skipped)
+        for reason, n in self._skips_since_sync.items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
+
     def _report_skipped(self, epoch: int) -> None:
-        if self.state.skipped:
-            total = sum(self.state.skipped.values())
-            parts = ", ".join(f"{n} x {reason}" for reason, n in sorted(self.state.skipped.items()))
-            self.accelerator.print(f"epoch {epoch}: {total} samples skipped so far (data.on_error=skip): {parts}")
+        # Per process between syncs: a collective here could deadlock, since the ranks need not end an epoch at
+        # the same step (a rank drawing an empty batch reads one more).
+        counts = self._skip_counts()
+        if counts:
+            total = sum(counts.values())
+            parts = ", ".join(f"{n} x {reason}" for reason, n in sorted(counts.items()))
+            many = self.accelerator.num_processes > 1
+            where = " on this process (data.on_error=skip; summed over processes at checkpoints)" if many else ""
+            self.accelerator.print(
+                f"epoch {epoch}: {total} samples skipped so far{where or ' (data.on_error=skip)'}: {parts}"
+            )
+
+    def _sync_skips(self) -> None:
+        """Sum the dropped-sample counts over processes into the state and unite the ledgers (a collective:
+        every process calls it at the same step: at checkpoints and at the end)."""
+        acc = self.accelerator
+        mine = (self._skips_since_sync, self.skip_ledger.state_dict())
+        for counts, files in gather_object([mine]) if acc.num_processes > 1 else [mine]:
+            for reason, n in counts.items():
+                self.state.skipped[reason] = self.state.skipped.get(reason, 0) + n
+            self.skip_ledger.merge(files)
+        self._skips_since_sync = {}
+        self.state.skipped_files = self.skip_ledger.state_dict()
+
+    def _record_skips(self, skipped: list[tuple[str, str]]) -> None:
+        """Count a batch's dropped samples and record their files (with their captions) in the ledger."""
+        if self._captions is None:
+            split = getattr(self.dataset, "split", None)  # a PairDataset's; other datasets count no captions
+            self._captions = captions_per_path(split) if split is not None else {}
+        for path, reason in skipped:
+            self._skips_since_sync[reason] = self._skips_since_sync.get(reason, 0) + 1
+            self.skip_ledger.add(path, reason, where="train", captions=self._captions.get(path, 0))
 
     def _next_batch(self, batches: Iterator[dict]) -> dict:
         """The next batch with at least one sample, counting samples dropped under on_error=skip."""
         while True:
             batch = next(batches)
             self.state.micro_step += 1
-            for _path, reason in batch.pop("skipped", []):
-                self.state.skipped[reason] = self.state.skipped.get(reason, 0) + 1
+            skipped = batch.pop("skipped", [])
+            if skipped:
+                self._record_skips(skipped)
             if not batch.get("empty", False):
                 return batch
+
+    def _final_skip_report(self) -> None:
+        """The end-of-run account (after `_sync_skips`): every distinct file once, and the list on disk."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        path = self.skip_ledger.save(self.out_dir)
+        if path is not None:
+            acc.print(f"left out by this run (data.on_error=skip): {self.skip_ledger.report()}; list in {path}")
+        if self.state.skipped:
+            parts = ", ".join(f"{n} x {reason}" for reason, n in sorted(self.state.skipped.items()))
+            over = f", summed over {acc.num_processes} processes" if acc.num_processes > 1 else ""
+            acc.print(f"  training batches dropped {sum(self.state.skipped.values())} samples{over}: {parts}")
 
     def _to_device(self, batch: dict) -> dict:
         dev = self.accelerator.device
@@ -820,8 +885,8 @@ class Trainer:
         else:
             self.model_state_dict()  # the gather is collective: every rank takes part
         acc.wait_for_everyone()
-        if self.state.skipped:
-            self._report_skipped(self.state.micro_step // len(self.batches))
+        self._sync_skips()
+        self._final_skip_report()
         acc.end_training()
         return self.state
 
@@ -834,6 +899,11 @@ class Trainer:
         self.model.train()
         self.accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=self.state.step)
         self.state.history.append({"step": self.state.step, **metrics})
-        shown = ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+        # Floats are metrics; ints are counts (e.g. left_out_items under data.on_error=skip), shown as they are.
+        shown = ", ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in metrics.items()
+            if isinstance(v, (int, float))
+        )
         self.accelerator.print(f"step {self.state.step} val: {shown}")
         return metrics

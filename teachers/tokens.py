@@ -9,11 +9,17 @@ Store layout (one directory, written to a temporary sibling and renamed, so read
     tokens.npy   float16 [num_items, num_tokens, dim]   (np.lib.format, memory-mapped on open)
     mask.npy     bool    [num_items, num_tokens]        (only when the tokens carry a padding mask, e.g. video)
     ids.json     [str] * num_items                      (item ids, row order)
-    meta.json    {"format", "version", "num_items", "num_tokens", "dim", "dtype", "has_mask", "meta": {caller's}}
+    meta.json    {"format", "version", "num_items", "num_tokens", "dim", "dtype", "has_mask", "meta": {caller's},
+                  "skipped": {row: reason}}
 
 The caller's ``meta`` is the store's stamp (what it was built from: teacher weights hash, gallery hash, image size);
 it lives in the store's own directory, so the rename that commits the tokens commits their stamp with them.
 `TokenStore.open(expect=...)` checks it.
+
+``skipped`` lists rows that hold no tokens (zeros) because their item could not be read under
+``data.on_error=skip``: the store keeps one row per item so that row i stays item i, and `TokenStore.get`
+refuses those rows rather than hand zeros to the teacher as if they were an item. It sits beside the stamp,
+not in it: ``expect`` compares the caller's ``meta`` only, so a checked store may still hold placeholder rows.
 """
 
 from __future__ import annotations
@@ -151,6 +157,9 @@ class TokenStore:
         self._index = {item_id: i for i, item_id in enumerate(ids)}
         if len(self._index) != len(ids):
             raise ValueError(f"{path}: duplicate item ids in ids.json")
+        # Rows without tokens (their item could not be read when the store was built): row -> reason.
+        self.skipped = {int(row): reason for row, reason in meta.get("skipped", {}).items()}
+        self._skipped_rows = np.array(sorted(self.skipped), dtype=np.int64)
 
     # ---------------------------------------------------------------- writing
     @classmethod
@@ -162,6 +171,7 @@ class TokenStore:
         meta: dict[str, Any] | None = None,
         *,
         overwrite: bool = False,
+        skipped: dict[int, str] | None = None,
     ) -> TokenStore:
         """Write a store atomically (temporary sibling directory, then rename).
 
@@ -172,6 +182,9 @@ class TokenStore:
                 chunks are written to the memory map as they arrive. Their total length must equal `len(ids)`.
             meta: caller's metadata (teacher checkpoint hash, scale sizes, ...), saved under `meta.json["meta"]`.
             overwrite: replace an existing store at `path`; otherwise an existing path is an error.
+            skipped: rows that hold placeholder zeros, row -> reason (e.g. from
+                `fastslow.evaluation.teacher_token_rows`). Read after the last chunk, so the generator that yields
+                the chunks may fill it as it goes.
 
         Returns:
             The store, opened read-only from its final location.
@@ -196,6 +209,7 @@ class TokenStore:
                 dtype="float16",
                 has_mask=has_mask,
                 meta=dict(meta or {}),
+                skipped={str(row): reason for row, reason in sorted((skipped or {}).items())},
             )
             (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
             commit_dir(tmp, path)  # fsync every file, rename (an old store is moved aside first), fsync the parent
@@ -306,12 +320,25 @@ class TokenStore:
             indices = indices.cpu().numpy()
         if not isinstance(indices, slice):
             indices = np.asarray(indices, dtype=np.int64)
+        if len(self._skipped_rows):
+            self._refuse_skipped(indices)
         tok = torch.from_numpy(_owned(self._tokens[indices])).to(device=device, dtype=dtype)
         mask = None if self._mask is None else torch.from_numpy(_owned(self._mask[indices])).to(device=device)
         return VisualTokens(tok, mask)
 
     def __getitem__(self, indices: int | slice | Sequence[int] | np.ndarray | Tensor) -> VisualTokens:
         return self.get(indices)
+
+    def _refuse_skipped(self, indices: slice | np.ndarray) -> None:
+        rows = np.arange(len(self))[indices] if isinstance(indices, slice) else indices % max(len(self), 1)
+        bad = rows[np.isin(rows, self._skipped_rows)]
+        if len(bad):
+            row = int(bad[0])
+            raise KeyError(
+                f"row {row} ({self.ids[row]!r}) of the token store {self.path} has no tokens: its item could not be "
+                f"read when the store was built ({self.skipped[row]}); nothing should score it. If the file has "
+                f"been fixed since, delete {self.path} so that it is rebuilt"
+            )
 
     def __repr__(self) -> str:
         return f"TokenStore({str(self.path)!r}, items={len(self)}, tokens={self.shape[1]}, dim={self.shape[2]})"

@@ -10,6 +10,9 @@ embeddings.stamp.json, and tokens/ (the teacher's visual tokens, memory-mapped f
 runs the teacher's backbone. Each is stamped with what it was built from (student or teacher weights
 hash, gallery hash, image size or clip length), which rerank_eval.py and search.py check. Gallery
 encoding is resumable (chunks under index/student_chunks/).
+Under data.on_error=skip an item that cannot be read is left out of the index, the embeddings and the
+tokens, and listed (id, path, reason) under "skipped" in manifest.json and in index/skipped_files.json;
+the gallery hash every stamp carries is then that of the items indexed.
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
@@ -30,8 +33,8 @@ def main(argv=None) -> None:
     from torch.utils.data import DataLoader
 
     from fastslow import stages
-    from fastslow.data import VisualDataset, collate
-    from fastslow.evaluation import iter_items, visual_args
+    from fastslow.data import SkipLedger, VisualDataset, collate
+    from fastslow.evaluation import teacher_token_rows, visual_args
     from fastslow.index import build_index, hash_ids, index_info, save_embeddings, save_index
     from teachers import TokenStore
 
@@ -43,25 +46,42 @@ def main(argv=None) -> None:
     student_hash = stages.weights_hash(student_dir / "model.safetensors")
     teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
     stages.ensure_shapes(cfg, acc)
-    split = stages.load_split(cfg, cfg.eval.split)
+    ledger = SkipLedger()  # what this run leaves out under data.on_error=skip
+    split = stages.load_split(cfg, cfg.eval.split, ledger)
     load_visual = stages.visual_loader(cfg)
     student.to(acc.device)
-    gallery_hash, visual = hash_ids(split.item_ids), stages.visual_stamp(cfg)
+    visual = stages.visual_stamp(cfg)
 
     # Student embeddings: each process encodes its share of the gallery, gathered in item order.
     from fastslow.index import encode_gallery
 
-    loader = DataLoader(VisualDataset(split, load_visual), batch_size=cfg.index.batch_size, collate_fn=collate)
+    dataset = VisualDataset(split, load_visual, on_error=cfg.data.on_error)
+    loader = DataLoader(dataset, batch_size=cfg.index.batch_size, collate_fn=collate)
     t0 = time.perf_counter()
+    left_out = [] if cfg.data.on_error == "skip" else None  # filled with the items that could not be read
     emb = encode_gallery(
         lambda b: student.encode_visual(*visual_args(b)),
         acc.prepare(loader),
         accelerator=acc,
         out_path=out / "student_chunks",
-        # The image size is part of the key: chunks encoded at another size must not be resumed from.
-        stamp={"student_hash": student_hash, "gallery_hash": gallery_hash, **visual},
+        # The image size is part of the key: chunks encoded at another size must not be resumed from. So is
+        # on_error: chunks written under skip lack the unreadable items, which a run under raise must meet.
+        stamp={
+            "student_hash": student_hash,
+            "gallery_hash": hash_ids(split.item_ids),
+            "on_error": cfg.data.on_error,
+            **visual,
+        },
+        left_out=left_out,
     )
     t_student = time.perf_counter() - t0
+    skipped = []  # the gallery items left out: {"id", "path", "reason"}, for the manifest
+    if left_out:
+        kept, split, skipped = stages.drop_unread(split, left_out, load_visual, ledger, where="index")
+        emb = emb[kept]
+    # The gallery as indexed (without the items left out): what save_index puts in the manifest, hence what the
+    # embeddings' and tokens' stamps must carry for the readers' checks against the manifest.
+    gallery_hash = hash_ids(split.item_ids)
     if acc.is_main_process:
         t0 = time.perf_counter()
         index = build_index(
@@ -84,6 +104,7 @@ def main(argv=None) -> None:
                 "teacher_hash": teacher_hash,
                 "split": split.name,
                 "item_paths": split.item_paths,
+                "skipped": skipped,  # gallery items left out under data.on_error=skip: id, path, reason
                 **visual,
             },
         )
@@ -92,17 +113,20 @@ def main(argv=None) -> None:
         # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
         t0 = time.perf_counter()
         teacher.to(acc.device)
+        # Only the items the student read are left. One that fails now (changed since) keeps its row, as a
+        # placeholder the store lists and refuses to score, so that row i of the tokens stays item i of the index.
+        unread: dict[int, str] = {}
         with torch.no_grad():
-            chunks = (
-                teacher.encode_visual(*args).to(device="cpu")
-                for _, args in iter_items(split, load_visual, cfg.index.batch_size, acc.device)
-            )
+            chunks = teacher_token_rows(
+                teacher, split, load_visual, cfg.index.batch_size, acc.device, on_error=cfg.data.on_error,
+                ledger=ledger, where="index tokens", left_out=unread)  # fmt: skip
             TokenStore.write(
                 out / "tokens",
                 split.item_ids,
                 chunks,
                 meta={"teacher_hash": teacher_hash, "gallery_hash": gallery_hash, **visual},
                 overwrite=True,
+                skipped=unread,
             )
         t_tokens = time.perf_counter() - t0
         # What rerank_eval.py and search.py will check: the tokens on disk belong to the index just written.
@@ -113,6 +137,7 @@ def main(argv=None) -> None:
             f"  student encoding {t_student:.1f}s, index build {t_index:.2f}s, teacher tokens {t_tokens:.1f}s "
             f"({store.shape} fp16, {np.prod(store.shape) * 2 / 2**20:.1f} MiB)"
         )
+    stages.finish_skips(ledger, out, acc)
     acc.wait_for_everyone()
 
 

@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     from fastslow import stages
     from fastslow.artefacts import file_hash
     from fastslow.config import ConfigError, to_kwargs
-    from fastslow.data import PairDataset, collate
+    from fastslow.data import PairDataset, SkipLedger, collate
     from fastslow.distill import (
         CandidateMiner,
         DistillBatcher,
@@ -57,7 +57,10 @@ def main(argv=None) -> None:
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
     teacher_dir = stages.stage_dir(cfg, "teacher")
-    train, val, tok, load_visual = stages.prepare_training(cfg, acc)
+    # Every pass that reads items (load checks, token store, miner, validation, training) records in this one
+    # ledger what it leaves out under data.on_error=skip; the trainer reports it at the end of the run.
+    ledger, on_error = SkipLedger(), cfg.data.on_error
+    train, val, tok, load_visual = stages.prepare_training(cfg, acc, ledger)
     student = stages.build_student(cfg, tok)
     acc.print(
         f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
@@ -65,7 +68,7 @@ def main(argv=None) -> None:
     )
 
     batcher, checkpoint_objects, teacher_directions, composer = DistillBatcher("none"), [], 2, None
-    dataset = PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error)
+    dataset = PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=on_error)
     if mode != "none" and cfg.loss.oracle:
         # The student's ceiling: targets from the generator's ground truth instead of a teacher (shapes only).
         from fastslow.data.shapes import GroundTruth
@@ -90,6 +93,8 @@ def main(argv=None) -> None:
             cfg.data.max_length,
             cache_dir / "teacher_tokens_train",
             is_main=acc.is_main_process,
+            on_error=on_error,
+            ledger=ledger,
         )
         acc.wait_for_everyone()
         cache = TeacherScoreCache(
@@ -105,7 +110,9 @@ def main(argv=None) -> None:
     if mode != "none":
         miner = None
         if mode in ("listwise", "group"):
-            miner = CandidateMiner(train, load_visual, tok, cfg.data.max_length, cfg.loss.listwise_k)
+            miner = CandidateMiner(
+                train, load_visual, tok, cfg.data.max_length, cfg.loss.listwise_k, on_error=on_error, ledger=ledger
+            )
             checkpoint_objects.append(miner)
         if mode == "group":
             composer = GroupComposer(
@@ -149,7 +156,8 @@ def main(argv=None) -> None:
     )
 
     def validate(obj):
-        return evaluate_student(obj.model, val, load_visual, tok, max_length=cfg.data.max_length)
+        kw = dict(max_length=cfg.data.max_length, on_error=on_error, ledger=ledger, where="val")
+        return evaluate_student(obj.model, val, load_visual, tok, **kw)
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +177,7 @@ def main(argv=None) -> None:
         extra_files={"config.yaml": out / "config.yaml", "tokenizer.json": stages.tokenizer_path(cfg)},
         checkpoint_objects=checkpoint_objects,
         num_workers=cfg.data.num_workers,
+        skip_ledger=ledger,
     )
     if mode == "listwise" and batcher.miner.item_emb is None:  # a fresh run: mine with the initial student
         batcher.miner.refresh(trainer.unwrapped().model)

@@ -15,6 +15,8 @@ every k is ranked from those scores. Latency is timed by running each method its
 eval.latency_queries queries in batches of eval.text_batch (the batched query-time path), reported per
 query: mean and p95 over batches; speedup_vs_slow divides the teacher-over-everything latency by it.
 Writes ${output_dir}/eval/: metrics.json, metrics.csv, r1_vs_k.png, latency_vs_k.png.
+Under data.on_error=skip the test items build_index could not read (its manifest lists them) and val items
+that cannot be read are left out with their captions, said aloud and listed in eval/skipped_files.json.
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
@@ -71,26 +73,26 @@ def main(argv=None) -> None:
     from fastslow import stages
     from fastslow.artefacts import atomic_write_json
     from fastslow.combiner import Combiner, adaptive_k, rerank, tune_alpha
-    from fastslow.evaluation import (
-        StoreTeacherScorer,
-        encode_items_student,
-        encode_items_teacher,
-        encode_texts_student,
-        ranking_matrix,
-    )
+    from fastslow.data import SkipLedger
+    from fastslow.evaluation import StoreTeacherScorer, encode_items, encode_texts_student, ranking_matrix
     from fastslow.index import build_index, hash_ids, search
     from fastslow.metrics import format_table, retrieval_metrics, write_metrics
+    from teachers import VisualTokens
 
     out = stages.stage_dir(cfg, "eval")
     student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
     student, _, tok = stages.load_trained(student_dir, "student")
     teacher, _, _ = stages.load_trained(teacher_dir, "teacher")
     stages.ensure_shapes(cfg)
-    split = stages.load_split(cfg, cfg.eval.split)
+    ledger = SkipLedger()  # what this evaluation leaves out under data.on_error=skip
+    full = stages.load_split(cfg, cfg.eval.split, ledger)
+    # The gallery as build_index indexed it: without the items its manifest lists as left out (data.on_error=skip).
+    split = stages.without_index_skips(cfg, full, stages.stage_dir(cfg, "index"), ledger)
     texts, t2v, n = split.captions, split.text_to_visual, split.n_items
     student_hash = stages.weights_hash(student_dir / "model.safetensors")
     teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
-    # Every artefact of the index directory is checked before any work: this student and teacher, this gallery.
+    # Every artefact of the index directory is checked before any work: this student and teacher, this gallery
+    # (the items indexed: a manifest whose "skipped" list does not account for the split fails this check too).
     index, manifest = stages.open_index(cfg, student_hash, hash_ids(split.item_ids))
     store = stages.open_gallery_tokens(cfg, manifest, teacher_hash)
     emb = torch.from_numpy(stages.load_gallery_embeddings(cfg, manifest, student_hash))
@@ -150,11 +152,20 @@ def main(argv=None) -> None:
 
     alpha = cfg.combiner.alpha
     if alpha is None:  # fuse weight tuned on the val split at combiner.k
-        val, load_visual = stages.load_split(cfg, "val"), stages.visual_loader(cfg)
-        v_index = build_index(encode_items_student(student, val, load_visual).numpy(), kind="flat")
+        val, load_visual = stages.load_split(cfg, "val", ledger), stages.visual_loader(cfg)
+        # One read of each val item for both models, so that both see the same items under data.on_error=skip.
+        both = lambda *x: (student.encode_visual(*x).float().cpu(), teacher.encode_visual(*x).to(device="cpu"))  # noqa: E731
+        v_out, kept = encode_items(both, val, load_visual, 64, on_error=cfg.data.on_error, ledger=ledger, where="val")
+        if len(kept) < val.n_items:
+            val_all, val = val, val.select_items(kept.tolist())
+            print(
+                f"fuse: {val_all.n_items - val.n_items} of {val_all.n_items} val items could not be read and are left "
+                f"out, with {val_all.n_texts - val.n_texts} of {val_all.n_texts} captions (data.on_error=skip)"
+            )
+        v_index = build_index(torch.cat([o[0] for o in v_out]).numpy(), kind="flat")
         v_k = min(cfg.combiner.k, val.n_items)
         v_s, v_ids = (torch.from_numpy(a) for a in search(v_index, encode(val.captions), v_k))
-        v_scorer = StoreTeacherScorer(teacher, encode_items_teacher(teacher, val, load_visual), tok, ml)
+        v_scorer = StoreTeacherScorer(teacher, VisualTokens.cat([o[1] for o in v_out]), tok, ml)
         alpha, _ = tune_alpha(v_s, v_ids, candidate_scores(v_scorer, val.captions, v_ids, tb),
                               torch.as_tensor(val.text_to_visual))
         print(f"fuse: alpha={alpha} tuned on {val.name} at k={cfg.combiner.k}")
@@ -200,11 +211,16 @@ def main(argv=None) -> None:
         "pairs_per_query",
         "speedup_vs_slow",
     ]
-    print(f"\n{split.name}: {len(texts)} queries, {n} items, index {manifest['kind']}\n")
+    left = ""
+    if n < full.n_items:  # build_index could not read some test items (data.on_error=skip)
+        left = f" (left out: {full.n_texts - len(texts)} of {full.n_texts} queries, "
+        left += f"{full.n_items - n} of {full.n_items} items)"
+    print(f"\n{split.name}: {len(texts)} queries, {n} items{left}, index {manifest['kind']}\n")
     print(format_table(rows, columns))
     write_metrics(out, rows)
     plot(out, rows, curves)
     print(f"\nwrote {out}/metrics.json, metrics.csv, r1_vs_k.png, latency_vs_k.png")
+    stages.finish_skips(ledger, out)
 
 
 def plot(out, rows, curves) -> None:

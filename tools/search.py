@@ -122,8 +122,12 @@ def main(argv=None) -> None:
     except ValueError as e:  # k <= 0, an empty query: the user's input, not a bug
         raise ConfigError(str(e)) from None
     ids, paths = manifest["item_ids"], manifest.get("item_paths", [])
+    # The gallery is what build_index indexed: under data.on_error=skip, without the items it could not read.
+    gallery = f"gallery {len(ids)}"
+    if manifest.get("skipped"):
+        gallery += f", {len(manifest['skipped'])} left out by build_index (unreadable; listed in its manifest)"
     for q, hits in zip(own["query"], results):
-        print(f"\nquery: {q!r}  ({mode}, k={k}, gallery {len(ids)})")
+        print(f"\nquery: {q!r}  ({mode}, k={k}, {gallery})")
         print(f"{'rank':>4}  {'student':>8}  {'teacher':>8}  id / path")
         for rank, h in enumerate(hits, 1):
             t = "-" if h.teacher_score is None else f"{h.teacher_score:8.3f}"

@@ -24,7 +24,7 @@ def main(argv=None) -> None:
 
     from fastslow import stages
     from fastslow.config import to_kwargs
-    from fastslow.data import PairDataset, collate
+    from fastslow.data import PairDataset, SkipLedger, collate
     from fastslow.evaluation import evaluate_teacher, visual_args
     from fastslow.trainer import TrainConfig, Trainer, make_accelerator
 
@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     train_cfg = TrainConfig(**to_kwargs(cfg.teacher_train))
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
-    train, val, tok, load_visual = stages.prepare_training(cfg, acc)
+    ledger = SkipLedger()  # what load checks, validation and training leave out under data.on_error=skip
+    train, val, tok, load_visual = stages.prepare_training(cfg, acc, ledger)
     teacher = stages.build_teacher(cfg, tok)
     acc.print(
         f"teacher {cfg.teacher.name}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters; "
@@ -52,7 +53,15 @@ def main(argv=None) -> None:
 
     def validate(objective):
         return evaluate_teacher(
-            objective.model, val, load_visual, tok, max_length=cfg.data.max_length, text_batch=cfg.eval.text_batch
+            objective.model,
+            val,
+            load_visual,
+            tok,
+            max_length=cfg.data.max_length,
+            text_batch=cfg.eval.text_batch,
+            on_error=cfg.data.on_error,
+            ledger=ledger,
+            where="val",
         )
 
     if acc.is_main_process:
@@ -70,6 +79,7 @@ def main(argv=None) -> None:
         evaluate=validate,
         extra_files={"config.yaml": out / "config.yaml", "tokenizer.json": stages.tokenizer_path(cfg)},
         num_workers=cfg.data.num_workers,
+        skip_ledger=ledger,
     )
     state = trainer.train()
     acc.print(

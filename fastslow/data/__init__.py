@@ -24,6 +24,7 @@ from fastslow.data.loaders import (
     resize_center_crop,
     to_rgb,
 )
+from fastslow.data.skips import SKIP_FILE, SkipLedger, captions_per_path, gather_ledger, reason_of
 from fastslow.data.vatex import VATEX_N_VAL, load_vatex, read_vatex_ids, vatex_retrieval_split
 from fastslow.errors import DataError
 
@@ -36,6 +37,11 @@ __all__ = [
     "collate",
     "report_skipped",
     "SkipCounter",
+    "SKIP_FILE",
+    "SkipLedger",
+    "captions_per_path",
+    "gather_ledger",
+    "reason_of",
     "KARPATHY_SPLITS",
     "load_karpathy",
     "VATEX_N_VAL",

@@ -10,7 +10,8 @@ The bad-input policy (``on_error``) lives in two places:
 
 A batch whose samples were all skipped is still a valid dict: ``batch["empty"]`` is True and it holds
 no visual or text tensors, only ``batch["skipped"]`` and a zero-length ``batch["item_index"]``; the
-trainer skips such a batch and counts it. `report_skipped` / `SkipCounter` summarise what was dropped.
+trainer skips such a batch and counts it. `report_skipped` / `SkipCounter` summarise what was dropped;
+a run's account of every distinct file, over all its passes and processes, is `fastslow.data.skips.SkipLedger`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class RetrievalSplit:
         captions: every caption, flattened, grouped by item (an item's captions are contiguous).
         text_to_visual: caption ``i`` belongs to item ``text_to_visual[i]``.
         skipped: ``(path, reason)`` of the items dropped at load time under ``on_error="skip"``.
+        skipped_captions: path -> number of captions each of those items had (the pairs the split lost), so
+            that a run's `SkipLedger` can count caption samples for files that never reach a dataset.
     """
 
     name: str
@@ -72,6 +75,7 @@ class RetrievalSplit:
     captions: list[str]
     text_to_visual: list[int]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped_captions: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Catch a hand-built split that is inconsistent here rather than as an index error mid-epoch.
@@ -102,6 +106,32 @@ class RetrievalSplit:
     def n_texts(self) -> int:
         """Number of captions."""
         return len(self.captions)
+
+    def select_items(self, items: Sequence[int]) -> RetrievalSplit:
+        """The split restricted to ``items`` (indices, increasing) and their captions, e.g. without the items a
+        pass could not read under ``on_error="skip"``; ``skipped`` is carried over as is.
+
+        Args:
+            items: indices of the items kept, in increasing order (captions stay grouped by item).
+
+        Returns:
+            A new split; item ``j`` of it is item ``items[j]`` of this one.
+        """
+        items = [int(i) for i in items]
+        if any(b <= a for a, b in zip(items, items[1:])):
+            raise ValueError(f"RetrievalSplit {self.name!r}: select_items needs increasing item indices")
+        new_index = {old: new for new, old in enumerate(items)}
+        texts = [t for t, item in enumerate(self.text_to_visual) if item in new_index]
+        return RetrievalSplit(
+            self.name,
+            self.modality,
+            [self.item_ids[i] for i in items],
+            [self.item_paths[i] for i in items],
+            [self.captions[t] for t in texts],
+            [new_index[self.text_to_visual[t]] for t in texts],
+            list(self.skipped),
+            dict(self.skipped_captions),
+        )
 
 
 @dataclass
@@ -166,6 +196,7 @@ def _assemble_split(
 
     skipped: list[tuple[str, str]] = [(e.path, "no captions") for e in no_captions]
     skipped += [(e.path, "missing file") for e in missing]
+    skipped_captions = {e.path: len(e.captions if max_captions is None else e.captions[:max_captions]) for e in missing}
     dropped = {id(e) for e in no_captions} | {id(e) for e in missing}
     item_ids, item_paths, captions, text_to_visual = [], [], [], []
     for entry in entries:
@@ -177,7 +208,7 @@ def _assemble_split(
         kept = entry.captions if max_captions is None else entry.captions[:max_captions]
         captions.extend(kept)
         text_to_visual.extend([index] * len(kept))
-    return RetrievalSplit(name, modality, item_ids, item_paths, captions, text_to_visual, skipped)
+    return RetrievalSplit(name, modality, item_ids, item_paths, captions, text_to_visual, skipped, skipped_captions)
 
 
 def _load_or_skip(load_visual: Callable[[str], Any], path: str, on_error: str) -> tuple[Any, dict | None]:

@@ -299,13 +299,17 @@ def read_features(path: str | os.PathLike, feature_dim: int | None = None) -> np
         ) from err
 
     if not np.issubdtype(array.dtype, np.floating):
-        raise DataError.for_file(path, f"dtype {array.dtype}, expected floating point features", reason="bad features")
+        raise DataError.for_file(
+            path, f"dtype {array.dtype}, expected floating point features", _SKIP_HINT, reason="bad features"
+        )
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
-        raise DataError.for_file(path, f"shape {array.shape}, expected (1, T, D) or (T, D)", reason="bad shape")
+        raise DataError.for_file(
+            path, f"shape {array.shape}, expected (1, T, D) or (T, D)", _SKIP_HINT, reason="bad shape"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise DataError.for_file(path, f"shape {array.shape} holds no features", reason="bad shape")
+        raise DataError.for_file(path, f"shape {array.shape} holds no features", _SKIP_HINT, reason="bad shape")
     if feature_dim is not None and array.shape[1] != feature_dim:
         raise DataError.for_file(
             path,
