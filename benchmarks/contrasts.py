@@ -80,13 +80,12 @@ def main() -> None:
         model, _, tok = stages.load_trained(d, kind)
         if kind == "teacher":
             scorer = StoreTeacherScorer(model, encode_items_teacher(model, test, load_visual), tok, cfg.data.max_length)
-            s_own, s_other = scorer(test.captions, qs_t, own_t), scorer(test.captions, qs_t, oth_t)
-            full = scorer.full(test.captions)
+            full = scorer.full(test.captions)  # every pair once: the group pairs are read from it, not rescored
         else:
             iv = encode_items_student(model, test, load_visual)
             tv = encode_texts_student(model, tok, test.captions, max_length=cfg.data.max_length)
             full = tv @ iv.T
-            s_own, s_other = full[qs_t, own_t], full[qs_t, oth_t]
+        s_own, s_other = full[qs_t, own_t], full[qs_t, oth_t]
         won = (s_own > s_other).tolist()
         by = collections.defaultdict(list)
         for k, w in zip(kinds, won):
