@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fastslow import schema
 from fastslow.artefacts import atomic_write_text
+from fastslow.errors import ConfigError, MissingFileError
 
 RECIPE_DIR = Path(os.environ.get("FASTSLOW_RECIPES", Path(__file__).resolve().parents[1] / "recipes"))
 DEFAULT_RECIPE = "shapes"
@@ -43,10 +44,6 @@ USAGE = """usage: {prog} [recipe=NAME] [key=value ...]
 The keys every recipe has are in recipes/base.yaml; each recipe's own keys are in recipes/NAME.yaml;
 their types and ranges are in fastslow/schema.py.
 """
-
-
-class ConfigError(ValueError):
-    """A recipe or an override is wrong; the message names the key and what to do."""
 
 
 def list_recipes() -> list[str]:
@@ -484,7 +481,7 @@ def check_data_files(cfg: DictConfig) -> None:
     }
     for key, path in wanted:
         if not Path(path).exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} not found ({key}). recipe={cfg.recipe} expects {hints[d.dataset]} under "
                 f"data.root={d.root}; set data.root=/path/to/your/copy (or {key}=...). See README, 'Your own data'"
             )

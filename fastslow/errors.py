@@ -1,20 +1,60 @@
-"""Errors about bad input data, with messages that name the file, the problem and the fix.
+"""fastslow's own exceptions: every problem with the user's input is one of them, with a message that names the
+thing (file, key, value) and says what to do.
 
-Every reader and loader in `fastslow.data` raises `DataError` for a file it cannot use, so that a
-dataset running under `on_error="skip"` can catch exactly these (and nothing that is a bug in our code),
-record `(path, reason)` and go on.
+All derive from `UserError`, a `ValueError`: a problem the user fixes by changing the command, the data or a file,
+not the code. The tools print its message as one line, without a traceback (`fastslow.runtime.run`), and a test
+tells bad input from a bug by the type (`tests/test_bad_inputs.py`). A traceback from inside a library (torch,
+safetensors, faiss, tokenizers, json) reaching the user is a bug: the reader at the boundary turns it into one of
+these, naming the file.
+
+- `DataError`: a data file (image, features, annotations) is missing, malformed or unreadable. Every reader and
+  loader in `fastslow.data` raises it for a file it cannot use, so that a dataset running under `on_error="skip"`
+  can catch exactly these (and nothing that is a bug in our code), record `(path, reason)` and go on.
+- `ConfigError`: a recipe or an override is wrong (`fastslow.config`).
+- `MissingFileError`: a file the run needs is absent; also a `FileNotFoundError`.
+- `StaleArtefactError`: an artefact was built from other inputs, or cannot be read (`fastslow.artefacts`).
+- `CheckpointError`: a checkpoint or a model directory cannot be used (incomplete, tampered with, of another model).
+- `QueryError`: a query-time request cannot be answered (an empty query, k <= 0).
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["DataError", "StaleArtefactError", "UserError", "file_message"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "MissingFileError",
+    "QueryError",
+    "StaleArtefactError",
+    "UserError",
+    "file_message",
+]
 
 
 class UserError(ValueError):
     """A problem the user fixes by changing the command, not the code: e.g. an index or a cache that
     was built by another model. Tools print the message without a traceback."""
+
+
+class ConfigError(UserError):
+    """A recipe or an override is wrong; the message names the key and what to do."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the run needs is absent; the message names it and the command that makes it.
+
+    Also a `FileNotFoundError`, so code that catches that keeps working."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint (or a trained model's directory) cannot be used: incomplete, tampered with, unreadable, of
+    another model, or written under another configuration."""
+
+
+class QueryError(UserError):
+    """A query-time request that cannot be answered: an empty or contentless query, k <= 0."""
 
 
 class StaleArtefactError(UserError):
@@ -56,7 +96,7 @@ def file_message(path: str | os.PathLike, problem: str, fix: str | None = None) 
     return f"{message}; {fix}" if fix else message
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file is missing, malformed or unreadable.
 
     Attributes:

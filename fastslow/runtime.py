@@ -36,18 +36,17 @@ def configure_threads(num_threads: int = 0) -> int:
 def run(main) -> None:
     """Run a tool's `main()`, turning user errors into one clear line on stderr and exit status 2.
 
-    User errors are a bad recipe or override (ConfigError), a missing input (FileNotFoundError), bad
-    data (DataError) and a stale cache or index (UserError); a bug still shows its traceback (set
-    FASTSLOW_TRACEBACK=1 to see it for user errors too).
+    User errors are fastslow's own (`fastslow.errors.UserError` and its kinds: a bad recipe or override, bad
+    data, a missing or stale artefact, an unusable checkpoint, a bad query) and a missing input
+    (FileNotFoundError); a bug still shows its traceback (set FASTSLOW_TRACEBACK=1 to see it for user errors too).
     """
     import sys
 
-    from fastslow.config import ConfigError
-    from fastslow.errors import DataError, UserError
+    from fastslow.errors import UserError
 
     try:
         main()
-    except (FileNotFoundError, ConfigError, DataError, UserError) as e:
+    except (FileNotFoundError, UserError) as e:
         if os.environ.get("FASTSLOW_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastslow.artefacts import atomic_path, atomic_write_json, commit_dir, verify_manifest, write_manifest
 from fastslow.data.skips import SkipLedger, captions_per_path
-from fastslow.errors import UserError
+from fastslow.errors import CheckpointError, UserError
 
 CKPT_PREFIX = "step_"
 _CKPT_NAME = re.compile(rf"^{CKPT_PREFIX}(\d+)$")
@@ -89,10 +89,6 @@ _KEY_HINT = {
     "n_samples": "number of training samples (the data)",
     "deepspeed": "DeepSpeed (accelerate launch --config_file) or not",
 }
-
-
-class CheckpointError(UserError):
-    """A checkpoint cannot be resumed: incomplete, tampered with, or written under another configuration."""
 
 
 @dataclass
