@@ -20,6 +20,11 @@ stamped (or a crash between the two renames) is caught too. A directory artefact
 commit marker (the index manifest, the token store's ``meta.json``) and checks them with `check_fields`. Every
 reader checks, through `check_stamp` / `check_fields`, and a mismatch raises `StaleArtefactError` listing each
 field that differs (saved vs now) and the command that rebuilds the artefact.
+
+Weights are read through `read_safetensors` (an empty, truncated or foreign file is a `CheckpointError` naming it,
+never safetensors' own "header too small") and put into a model through `load_weights` (another model's weights are
+a `CheckpointError` naming the file, the model and the first tensors that differ, never torch's page of size
+mismatches).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from fastslow.errors import StaleArtefactError
+from fastslow.errors import CheckpointError, MissingFileError, StaleArtefactError, file_message
 
 __all__ = [
     "MANIFEST",
@@ -52,6 +57,9 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "fsync_tree",
+    "load_weights",
+    "read_json",
+    "read_safetensors",
     "read_manifest",
     "read_stamp",
     "stamp_differences",
@@ -284,13 +292,13 @@ def check_stamp(path: str | os.PathLike, expected: Mapping[str, Any], rebuild: s
         Every field of the stamp (it may hold more than ``expected``).
 
     Raises:
-        FileNotFoundError: no file at ``path`` (the message says how to build it).
+        MissingFileError: no file at ``path`` (the message says how to build it); a FileNotFoundError.
         StaleArtefactError: no stamp (an artefact of an older fastslow, or an interrupted write), a stamp of another
             file, or fields that differ.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {path}: to build it: {rebuild}")
+        raise MissingFileError(f"no {path}: to build it: {rebuild}")
     stamp = read_stamp(path)
     if stamp is None:
         raise StaleArtefactError(
@@ -421,3 +429,93 @@ def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+
+def read_json(path: str | os.PathLike, rebuild: str) -> Any:
+    """The parsed JSON file ``path`` of an artefact, or `StaleArtefactError` naming it and ``rebuild`` when it is
+    empty, cut short or not JSON (an interrupted write, a damaged copy); `MissingFileError` when it is absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"no {path}: to build it: {rebuild}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StaleArtefactError(
+            f"{path} is unreadable ({type(e).__name__}: {e}): a write was interrupted or the file was damaged; "
+            f"to rebuild it: {rebuild}",
+            path=path,
+            rebuild=rebuild,
+        ) from e
+
+
+def read_safetensors(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """Every tensor of the safetensors file ``path`` (a dict of CPU torch tensors); no pickle is involved.
+
+    Args:
+        path: the weights file.
+        fix: what to do when it cannot be read, e.g. ``"retrain it with tools/distill.py (same recipe and
+            output_dir)"``; it ends every message.
+
+    Raises:
+        MissingFileError: no file at ``path``.
+        CheckpointError: the file is empty, truncated, or not a safetensors file (named, with its size).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: {fix}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(file_message(path, "weights file is empty (0 bytes): an interrupted write or copy", fix))
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(
+            file_message(
+                path, f"not a readable safetensors file ({size} bytes: truncated, damaged or not safetensors; {e})", fix
+            )
+        ) from e
+
+
+def load_weights(model: Any, state: Mapping[str, Any], *, path: str | os.PathLike, name: str, fix: str) -> None:
+    """``model.load_state_dict(state, strict=True)``, after checking that ``state`` has the model's every tensor,
+    with its shape, and nothing else.
+
+    Args:
+        model: a torch module.
+        state: the tensors read from ``path`` (`read_safetensors`).
+        path: the weights file, named in the message.
+        name: what the model is, e.g. ``"teacher captioner_tiny"``.
+        fix: what to do, ending the message.
+
+    Raises:
+        CheckpointError: another model's weights: the message names the file, the model, how many tensors are of
+            another shape, missing or unexpected, and the first of each (not torch's page of size mismatches).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [
+        (k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or resized:
+        parts = []
+        if resized:
+            key, saved, want = resized[0]
+            parts.append(
+                f"{len(resized)} tensors of another shape (e.g. {key}: {saved} in the file, {want} in the model)"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(
+            f"{path} does not fit the {name} its config describes: {'; '.join(parts)}. The file holds the weights of "
+            f"another model (another registry name, size, modality or vocabulary); {fix}"
+        )
+    model.load_state_dict(state, strict=True)

@@ -494,17 +494,30 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def load_saved_config(path: str | os.PathLike) -> DictConfig:
+def load_saved_config(path: str | os.PathLike, fix: str | None = None) -> DictConfig:
     """Read a `config.yaml` written by `save_config` (struct mode, so a typo'd read fails loudly).
 
     Read as plain YAML, not through the schema: it records what a past run used, and must load back after the
     schema gains or loses keys (a builder's option missing from an older config takes the builder's default).
     The modes come back as plain strings, which compare equal to the enums of a freshly loaded recipe.
+
+    Args:
+        path: the file.
+        fix: what to do when it is missing or unreadable (default: run the stage).
+
+    Raises:
+        ConfigError: the file is missing, does not parse, or is not a mapping (the message names it and ``fix``).
     """
     path = Path(path)
+    fix = fix or "was the stage run?"
     if not path.is_file():
-        raise ConfigError(f"{path} not found: expected the config.yaml saved with a run; was the stage run?")
-    cfg = OmegaConf.load(path)
+        raise ConfigError(f"{path} not found: expected the config.yaml saved with a run; {fix}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's parser and scanner errors, a binary file, ...
+        raise ConfigError(f"{path}: cannot read it ({type(e).__name__}: {_first_line(e)}); {fix}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a saved config is a mapping of sections, not a {type(cfg).__name__}; {fix}")
     OmegaConf.set_struct(cfg, True)
     return cfg
 

@@ -7,6 +7,7 @@ functions here read the recipe sections, apply the conventions of a run director
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -14,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fastslow.artefacts import atomic_write_json, check_stamp
+from fastslow.artefacts import atomic_write_json, check_stamp, load_weights, read_json, read_safetensors
 from fastslow.config import ConfigError, load_saved_config, save_config, to_kwargs
 from fastslow.data import (
     FeatureLoader,
@@ -32,7 +33,7 @@ from fastslow.data import (
     report_skipped,
     vatex_retrieval_split,
 )
-from fastslow.errors import UserError
+from fastslow.errors import CheckpointError, MissingFileError, UserError
 from fastslow.tokenizer import TextTokenizer, load_pretrained_tokenizer, train_tokenizer
 
 IMAGE_DATASETS = ("shapes", "karpathy")
@@ -348,37 +349,88 @@ def weights_hash(path: str | os.PathLike) -> str:
     return file_hash(path)
 
 
+# The recipe keys that name local pretrained files: read once, when a model is first built for training; its weights
+# then live in its own checkpoint, so a trained model is rebuilt without them (the run may have moved machines).
+PRETRAINED_KEYS = {"teacher": ("pretrained_path",), "student": ("image_pretrained_path", "text_pretrained_path")}
+TEXT_CONFIG = "text_config.json"  # the architecture of a student's pretrained text tower, saved beside its weights
+
+
 def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Module, DictConfig, TextTokenizer]:
     """Rebuild a trained teacher or student from its directory alone (config.yaml, tokenizer.json,
-    model.safetensors), in eval mode with gradients off.
+    model.safetensors, and for a student with a pretrained text tower text_config.json), in eval mode with
+    gradients off.
+
+    The pretrained files its config names (`teacher.pretrained_path`, `student.image_pretrained_path`,
+    `student.text_pretrained_path`) are not read: the weights come from model.safetensors, and a pretrained text
+    tower's architecture from text_config.json, so a run copied to another machine loads without them.
 
     Args:
         directory: a stage directory (`runs/shapes/teacher`) or one of its checkpoints.
         kind: "teacher" or "student".
-    """
-    from safetensors.torch import load_file
 
+    Raises:
+        MissingFileError: model.safetensors or tokenizer.json is absent (the message names the stage to run).
+        ConfigError: config.yaml is absent or does not parse.
+        CheckpointError: the weights file is empty, truncated or not safetensors, or holds another model's weights.
+    """
     directory = Path(directory)
+    tool = "train_teacher.py" if kind == "teacher" else "distill.py"
+    fix = f"train it again with tools/{tool} (same recipe and output_dir), or copy the directory again"
     weights = directory / "model.safetensors"
     if not weights.is_file():
-        stage = "train_teacher.py" if kind == "teacher" else "distill.py"
-        raise FileNotFoundError(f"{weights} not found: train it first with tools/{stage} (same recipe and output_dir)")
-    cfg = load_saved_config(directory / "config.yaml")
-    tok = TextTokenizer.from_file(directory / "tokenizer.json")
-    model = build_teacher(cfg, tok) if kind == "teacher" else build_student(cfg, tok)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{weights} does not match {cfg[kind].name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise MissingFileError(f"{weights} not found: train it first with tools/{tool} (same recipe and output_dir)")
+    cfg = load_saved_config(directory / "config.yaml", fix=fix)
+    tokenizer_file = directory / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise MissingFileError(f"{tokenizer_file} not found: every trained model keeps its tokenizer beside it; {fix}")
+    tok = TextTokenizer.from_file(tokenizer_file)
+    section = OmegaConf.to_container(cfg[kind], resolve=True)
+    overrides: dict[str, Any] = {key: None for key in PRETRAINED_KEYS[kind] if section.get(key)}
+    if kind == "student" and section.get("text_pretrained_path"):
+        text_config = directory / TEXT_CONFIG
+        if not text_config.is_file():
+            raise CheckpointError(
+                f"{directory} was trained with student.text_pretrained_path={section['text_pretrained_path']}, whose "
+                f"architecture is not saved beside its weights ({TEXT_CONFIG} is missing: a run of an older fastslow): "
+                f"make that directory available again, or retrain with tools/distill.py"
+            )
+        overrides["text_config"] = read_json(text_config, fix)
+    build = copy.deepcopy(cfg)  # the caller gets the config as saved; only the build ignores the pretrained files
+    with open_dict(build):
+        for key, value in overrides.items():
+            build[kind][key] = value
+    model = build_teacher(build, tok) if kind == "teacher" else build_student(build, tok)
+    load_weights(model, read_safetensors(weights, fix), path=weights, name=f"{kind} {cfg[kind].name}", fix=fix)
     model.eval().requires_grad_(False)
     return model, cfg, tok
 
 
-def save_run_config(cfg: DictConfig, directory: Path) -> Path:
-    path = directory / "config.yaml"
-    save_config(cfg, path)
-    return path
+def _pretrained_text(model: torch.nn.Module | None) -> bool:
+    return bool(getattr(getattr(model, "config", None), "text_pretrained_path", None))
+
+
+def run_files(directory: Path, model: torch.nn.Module | None = None) -> dict[str, Path]:
+    """``{file name: path}`` of what `save_run_config` writes in ``directory`` for ``model`` (the files the trainer
+    copies into every checkpoint beside the weights and the tokenizer); the same on every process."""
+    files = {"config.yaml": directory / "config.yaml"}
+    if _pretrained_text(model):
+        files[TEXT_CONFIG] = directory / TEXT_CONFIG
+    return files
+
+
+def save_run_config(cfg: DictConfig, directory: Path, model: torch.nn.Module | None = None) -> dict[str, Path]:
+    """Write what rebuilds a model besides its weights and tokenizer: `config.yaml` (the resolved recipe) and, for a
+    student whose text tower came from `student.text_pretrained_path`, that tower's architecture (`text_config.json`,
+    the transformers config) so that `load_trained` never needs the pretrained directory again.
+
+    Returns:
+        `run_files`: ``{file name: path}`` of the files written.
+    """
+    files = run_files(directory, model)
+    save_config(cfg, files["config.yaml"])
+    if TEXT_CONFIG in files:
+        atomic_write_json(files[TEXT_CONFIG], model.text.encoder.config.to_dict())
+    return files
 
 
 def prepare_training(

@@ -62,12 +62,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fastslow.artefacts import atomic_path, atomic_write_json, commit_dir, verify_manifest, write_manifest
+from fastslow.artefacts import (
+    atomic_path,
+    atomic_write_json,
+    commit_dir,
+    load_weights,
+    read_safetensors,
+    verify_manifest,
+    write_manifest,
+)
 from fastslow.data.skips import SkipLedger, captions_per_path
 from fastslow.errors import CheckpointError, UserError
 
@@ -241,11 +248,11 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) ->
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in state.items()}, str(tmp))
 
 
+_RESUME_FIX = "resume another checkpoint (train.resume=auto takes the newest complete one) or train.resume=none"
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"checkpoint file {path} is not a readable safetensors file ({e})") from e
+    return read_safetensors(path, _RESUME_FIX)
 
 
 def _load_json(path: Path) -> Any:
@@ -631,11 +638,8 @@ class Trainer:
             load_deepspeed_checkpoint(self.model, path / "state")
         else:
             weights = _load_safetensors(path / "model.safetensors")
-            target = self.unwrapped().model
-            try:
-                target.load_state_dict(weights, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"{path}/model.safetensors does not fit this model: {e}") from e
+            fix = f"resume with the recipe that wrote it, or {_RESUME_FIX}"
+            load_weights(self.unwrapped().model, weights, path=path / "model.safetensors", name="model", fix=fix)
             self.optimizer.load_state_dict(_load_state(path / "optimizer"))
         self.scheduler.load_state_dict(_load_json(path / "scheduler.json"))
         n_saved = len(list(path.glob("object_*.safetensors")))

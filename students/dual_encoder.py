@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import AttentionPool2d
 from torch import Tensor, nn
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from . import register_student
 
@@ -70,6 +70,10 @@ class DualEncoderConfig:
     text_heads: int = 4  # BERT attention heads (ignored when text_pretrained_path is set)
     text_pool: str = "mean"  # "mean": mean over real tokens; "first": the first token (BOS / [CLS])
     text_pretrained_path: str | None = None  # local transformers dir (save_pretrained); None = built from config
+    # A transformers config (its to_dict()) to build the text encoder from, without weights: how a trained student
+    # whose text tower came from text_pretrained_path is rebuilt once that directory is gone (its weights are in the
+    # student's own checkpoint; fastslow.stages saves this as text_config.json). Takes precedence over the path.
+    text_config: dict[str, Any] | None = None
     # Shared
     mlp_ratio: float = 4.0  # MLP hidden size / width, in the video and (config-built) text transformers
     dropout: float = 0.0  # dropout in the video and (config-built) text transformers
@@ -226,7 +230,10 @@ class TextTower(nn.Module):
         if cfg.text_pool not in ("mean", "first"):
             raise ValueError(f"text_pool={cfg.text_pool!r}: expected 'mean' or 'first'")
         self.pool = cfg.text_pool
-        if cfg.text_pretrained_path:
+        if cfg.text_config is not None:
+            config = dict(cfg.text_config)
+            self.encoder = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        elif cfg.text_pretrained_path:
             self.encoder = self._load_pretrained(cfg)
         else:
             config = BertConfig(

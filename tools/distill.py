@@ -159,9 +159,10 @@ def main(argv=None) -> None:
         kw = dict(max_length=cfg.data.max_length, on_error=on_error, ledger=ledger, where="val")
         return evaluate_student(obj.model, val, load_visual, tok, **kw)
 
+    run_files = stages.run_files(out, student)  # config.yaml (and a pretrained text tower's text_config.json)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        stages.save_run_config(cfg, out)
+        stages.save_run_config(cfg, out, model=student)
     acc.wait_for_everyone()
     trainer = Trainer(
         objective,
@@ -174,7 +175,7 @@ def main(argv=None) -> None:
         prepare_batch=batcher,
         evaluate=validate,
         on_step_end=batcher.on_step_end,
-        extra_files={"config.yaml": out / "config.yaml", "tokenizer.json": stages.tokenizer_path(cfg)},
+        extra_files={**run_files, "tokenizer.json": stages.tokenizer_path(cfg)},
         checkpoint_objects=checkpoint_objects,
         num_workers=cfg.data.num_workers,
         skip_ledger=ledger,
