@@ -34,7 +34,16 @@ import faiss
 import numpy as np
 import torch
 
-from fastslow.artefacts import atomic_path, atomic_write, atomic_write_json, check_fields, check_stamp, file_hash
+from fastslow.artefacts import (
+    atomic_path,
+    atomic_write,
+    atomic_write_json,
+    check_fields,
+    check_stamp,
+    file_hash,
+    read_json,
+)
+from fastslow.errors import MissingFileError, StaleArtefactError
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 # Faiss prints a warning below this many training points per k-means centroid (Clustering.cpp); we stay above it.
@@ -421,28 +430,43 @@ def load_index(
         ``(index, manifest)``; search parameters (nprobe, ef_search) are those saved.
 
     Raises:
-        FileNotFoundError: a file is missing (e.g. an interrupted save).
-        StaleArtefactError: manifest values differ from ``expect`` (each one listed, saved vs now).
-        ValueError: the manifest and the index disagree.
+        MissingFileError: a file is missing (e.g. an interrupted save); a FileNotFoundError.
+        StaleArtefactError: manifest values differ from ``expect`` (each one listed, saved vs now), a file cannot be
+            read (truncated, damaged), or the manifest and the index disagree.
     """
     out = Path(out_dir)
     index_path, manifest_path = out / INDEX_FILE, out / MANIFEST_FILE
     for path in (manifest_path, index_path):
         if not path.is_file():
-            raise FileNotFoundError(f"no {path.name} in {out}: build the index with {rebuild}")
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
+            raise MissingFileError(f"no {path.name} in {out}: build the index with {rebuild}")
+    manifest = read_json(manifest_path, rebuild)
+    if not isinstance(manifest, dict):
+        raise StaleArtefactError(f"{manifest_path} is not an index manifest: rebuild with {rebuild}", path=out)
     # The manifest is the index's stamp: written last, after the index file (save_index).
     check_fields(manifest, expect or {}, path=out, rebuild=rebuild)
 
-    index = faiss.read_index(str(index_path))
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:  # faiss reports a short or foreign file as a C++ assertion
+        raise StaleArtefactError(
+            f"{index_path} cannot be read by faiss ({index_path.stat().st_size} bytes: truncated or damaged; "
+            f"{_first_line(e)}): rebuild with {rebuild}",
+            path=index_path,
+            rebuild=rebuild,
+        ) from e
     if index.ntotal != manifest.get("n_items") or index.d != manifest.get("dim"):
-        raise ValueError(
+        raise StaleArtefactError(
             f"index at {out} holds {index.ntotal} vectors of dim {index.d} but its manifest says "
-            f"{manifest.get('n_items')} of dim {manifest.get('dim')}: rebuild with {rebuild}"
+            f"{manifest.get('n_items')} of dim {manifest.get('dim')}: rebuild with {rebuild}",
+            path=out,
+            rebuild=rebuild,
         )
     if hash_ids(manifest.get("item_ids", [])) != manifest.get("gallery_hash"):
-        raise ValueError(f"manifest at {manifest_path} is inconsistent (item_ids do not match gallery_hash)")
+        raise StaleArtefactError(
+            f"manifest at {manifest_path} is inconsistent (item_ids do not match gallery_hash): rebuild with {rebuild}",
+            path=out,
+            rebuild=rebuild,
+        )
     return _to_gpu(index, manifest.get("kind", ""), use_gpu), manifest
 
 
@@ -472,6 +496,12 @@ def load_embeddings(out_dir: str | os.PathLike, *, expect: dict[str, Any], rebui
     path = Path(out_dir) / EMBEDDINGS_FILE
     check_stamp(path, expect, rebuild)
     return np.load(path, allow_pickle=False)
+
+
+def _first_line(err: BaseException) -> str:
+    """faiss's C++ messages run over several lines of source locations; the last line is the one that says why."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------------- gallery encoding

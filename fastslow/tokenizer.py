@@ -27,6 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from fastslow.artefacts import atomic_path
+from fastslow.errors import MissingFileError, UserError, file_message
 
 __all__ = ["SPECIAL_TOKENS", "TextTokenizer", "train_tokenizer", "load_pretrained_tokenizer"]
 
@@ -231,8 +232,8 @@ class TextTokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"file {path}: tokenizer file not found; pass the tokenizer.json a run saved")
-        return _wrap(Tokenizer.from_file(str(path)), config={}, overrides={})
+            raise MissingFileError(f"file {path}: tokenizer file not found; pass the tokenizer.json a run saved")
+        return _wrap(_read_tokenizer(path), config={}, overrides={}, source=path)
 
     def __repr__(self) -> str:
         return (
@@ -315,7 +316,8 @@ def load_pretrained_tokenizer(
         The tokenizer.
 
     Raises:
-        FileNotFoundError: nothing usable at ``dir_or_file`` (the message says what was looked for).
+        MissingFileError: nothing usable at ``dir_or_file`` (the message says what was looked for).
+        UserError: a tokenizer file that does not parse, or whose start / end tokens cannot be told (named).
     """
     path = Path(dir_or_file)
     if not path.exists():
@@ -323,18 +325,21 @@ def load_pretrained_tokenizer(
     folder = path if path.is_dir() else path.parent
     config = _read_special_token_config(folder)
     if path.is_dir() and (path / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        source = path / "tokenizer.json"
+        tokenizer = _read_tokenizer(source)
     elif path.is_dir() and (path / "vocab.txt").is_file():
-        tokenizer = _bert_from_vocab(path / "vocab.txt", lowercase=bool(config.get("do_lower_case", True)))
+        source = path / "vocab.txt"
+        tokenizer = _bert_from_vocab(source, lowercase=bool(config.get("do_lower_case", True)))
     elif path.is_file():
-        tokenizer = Tokenizer.from_file(str(path))
+        source = path
+        tokenizer = _read_tokenizer(path)
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"file {path}: no tokenizer.json or vocab.txt here; "
             "point to a local tokenizer directory (nothing is downloaded)"
         )
     overrides = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
-    return _wrap(tokenizer, config=config, overrides=overrides)
+    return _wrap(tokenizer, config=config, overrides=overrides, source=source)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -345,6 +350,21 @@ def _require_id(tokenizer: Tokenizer, token: str, role: str) -> int:
     if token_id is None:
         raise ValueError(f"{role} token {token!r} is not in the tokenizer's vocabulary")
     return token_id
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    """``Tokenizer.from_file``, or a UserError naming the file when it is empty, cut short or not a tokenizer (the
+    library raises a bare Exception saying only "EOF while parsing")."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for every parse error
+        raise UserError(
+            file_message(
+                path,
+                f"not a readable tokenizer file ({path.stat().st_size} bytes; {e})",
+                "copy it again, or point tokenizer.path at a local directory holding a valid tokenizer.json",
+            )
+        ) from e
 
 
 def _from_hf_cache(repo_id: str) -> Path:
@@ -358,7 +378,7 @@ def _from_hf_cache(repo_id: str) -> Path:
                 return Path(cached).parent
     except Exception:  # noqa: BLE001 - not a repo id, or no hub library: fall through to the clear error
         pass
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"file {repo_id}: no tokenizer here and not in the local Hugging Face cache; pass a local directory "
         "holding tokenizer.json (nothing is downloaded)"
     )
@@ -405,7 +425,9 @@ def _post_processor_tokens(spec: dict[str, Any]) -> tuple[str | None, str | None
     return None, None
 
 
-def _wrap(tokenizer: Tokenizer, *, config: dict[str, Any], overrides: dict[str, str | None]) -> TextTokenizer:
+def _wrap(
+    tokenizer: Tokenizer, *, config: dict[str, Any], overrides: dict[str, str | None], source: Path | str = "tokenizer"
+) -> TextTokenizer:
     """Decide the BOS / EOS / PAD / UNK roles of a loaded tokenizer and wrap it (see `load_pretrained_tokenizer`)."""
     spec = json.loads(tokenizer.to_str())
     pp_bos, pp_eos = _post_processor_tokens(spec.get("post_processor"))
@@ -423,11 +445,15 @@ def _wrap(tokenizer: Tokenizer, *, config: dict[str, Any], overrides: dict[str, 
     pad = pick(overrides.get("pad"), config.get("pad_token"), padding.get("pad_token"), *_PAD_NAMES) or eos
     unk = pick(config.get("unk_token"), model_unk, *_UNK_NAMES)
     if bos is None or eos is None:
-        raise ValueError(
-            "cannot tell which tokens start and end a text in this tokenizer; pass bos_token= and eos_token= "
-            "to load_pretrained_tokenizer"
+        raise UserError(
+            file_message(
+                source,
+                "cannot tell which tokens start and end a text in this tokenizer (no [CLS]/[SEP], <s>/</s>, ... in "
+                "its vocabulary, config files or post-processor)",
+                "pass bos_token= and eos_token= to load_pretrained_tokenizer, or use a tokenizer that has them",
+            )
         )
     for role, token in (("bos", overrides.get("bos")), ("eos", overrides.get("eos")), ("pad", overrides.get("pad"))):
         if token is not None and token != {"bos": bos, "eos": eos, "pad": pad}[role]:
-            raise ValueError(f"{role}_token {token!r} is not in the tokenizer's vocabulary")
+            raise UserError(file_message(source, f"{role}_token {token!r} is not in the tokenizer's vocabulary"))
     return TextTokenizer(tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)

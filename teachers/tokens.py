@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastslow.artefacts import check_fields, commit_dir
+from fastslow.artefacts import check_fields, commit_dir, read_json
+from fastslow.errors import MissingFileError, StaleArtefactError
 
 __all__ = ["VisualTokens", "TokenStore"]
 
@@ -131,6 +132,21 @@ def _as_chunks(tokens: VisualTokens | Iterable[VisualTokens]) -> Iterator[Visual
         yield tokens
     else:
         yield from tokens
+
+
+def _load_array(path: Path, mmap_mode: str | None, rebuild: str) -> np.ndarray:
+    """One array of a store (memory-mapped when ``mmap_mode``), or StaleArtefactError naming the file."""
+    if not path.is_file():
+        raise StaleArtefactError(f"{path} is missing from its token store; to rebuild it: {rebuild}", path=path)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # "mmap length is greater than file size", a bad header
+        raise StaleArtefactError(
+            f"{path} cannot be read ({path.stat().st_size} bytes: truncated or damaged; {e}); "
+            f"to rebuild it: {rebuild}",
+            path=path,
+            rebuild=rebuild,
+        ) from e
 
 
 def _owned(a: np.ndarray) -> np.ndarray:
@@ -274,22 +290,37 @@ class TokenStore:
             rebuild: the command that rebuilds the store, named in errors.
 
         Raises:
-            FileNotFoundError: no store at ``path``.
-            StaleArtefactError: a value of ``expect`` differs from the stamp, or the stamp lacks it (an older store).
+            MissingFileError: no store at ``path`` (a FileNotFoundError).
+            StaleArtefactError: a value of ``expect`` differs from the stamp, or the stamp lacks it (an older store);
+                a file of the store is missing, truncated or damaged, or the files disagree.
         """
         path = Path(path)
         if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"no token store at {path} (meta.json missing): build it with {rebuild}")
-        info = json.loads((path / "meta.json").read_text())
-        if info.get("format") != _FORMAT:
-            raise ValueError(f"{path}/meta.json: not a {_FORMAT} (format={info.get('format')!r})")
+            raise MissingFileError(f"no token store at {path} (meta.json missing): build it with {rebuild}")
+        info = read_json(path / "meta.json", rebuild)
+        if not isinstance(info, dict) or info.get("format") != _FORMAT:
+            what = info.get("format") if isinstance(info, dict) else type(info).__name__
+            raise StaleArtefactError(
+                f"{path}/meta.json: not a {_FORMAT} (format={what!r}); to rebuild it: {rebuild}",
+                path=path,
+                rebuild=rebuild,
+            )
         check_fields(info.get("meta") or {}, expect or {}, path=path, rebuild=rebuild)
+        try:
+            want = (info["num_items"], info["num_tokens"], info["dim"])
+        except KeyError as e:
+            raise StaleArtefactError(f"{path}/meta.json lacks {e}; to rebuild it: {rebuild}", path=path) from None
         mode = "r" if mmap else None
-        tokens = np.load(path / "tokens.npy", mmap_mode=mode)
-        mask = np.load(path / "mask.npy", mmap_mode=mode) if info["has_mask"] else None
-        ids = json.loads((path / "ids.json").read_text())
-        if tokens.shape != (info["num_items"], info["num_tokens"], info["dim"]) or len(ids) != info["num_items"]:
-            raise ValueError(f"{path}: tokens.npy {tokens.shape} / ids.json ({len(ids)}) disagree with meta.json")
+        tokens = _load_array(path / "tokens.npy", mode, rebuild)
+        mask = _load_array(path / "mask.npy", mode, rebuild) if info.get("has_mask") else None
+        ids = read_json(path / "ids.json", rebuild)
+        if tokens.shape != want or not isinstance(ids, list) or len(ids) != info["num_items"]:
+            raise StaleArtefactError(
+                f"{path}: tokens.npy {tokens.shape} / ids.json disagree with meta.json {want}; "
+                f"to rebuild it: {rebuild}",
+                path=path,
+                rebuild=rebuild,
+            )
         return cls(path, tokens, mask, ids, info)
 
     def __len__(self) -> int:
