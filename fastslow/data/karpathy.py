@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastslow.data.datasets import RetrievalSplit, _assemble_split, _Entry, check_on_error
-from fastslow.errors import DataError
+from fastslow.errors import DataError, MissingFileError
 
 __all__ = ["load_karpathy", "KARPATHY_SPLITS"]
 
@@ -56,8 +56,9 @@ def load_karpathy(
         from each sentence's ``raw`` (stripped; ``" ".join(tokens)`` when ``raw`` is empty), grouped by image.
 
     Raises:
-        FileNotFoundError: ``ann_file`` does not exist (the message says where to get it).
-        DataError: malformed JSON or a missing key (the message names the file and the entry), or a
+        MissingFileError: ``ann_file`` does not exist (the message says where to get it); a FileNotFoundError.
+        DataError: malformed JSON, a missing key or a filename listed twice (the message names the file and the
+            entries), or a
             missing image / an image without sentences under ``on_error="raise"``.
         ValueError: an unknown ``split`` or ``on_error``.
     """
@@ -74,12 +75,25 @@ def load_karpathy(
         )
     wanted = KARPATHY_SPLITS[split]
     entries = []
+    first_seen: dict[str, str] = {}  # filename -> where it first appears, over every split of the file
     for i, image in enumerate(images):
         where = f"images[{i}]"
         image_split = _field(image, "split", str, ann_file, where)
+        filename = _field(image, "filename", str, ann_file, where)
+        # The filename is the item's id everywhere downstream (index manifest, token store rows, metrics): two
+        # entries for one file would be one item twice (crashing the token store after the index is written), or
+        # one image in two splits (test images trained on). Refused whatever the split asked for.
+        if filename in first_seen:
+            raise DataError.for_file(
+                ann_file,
+                f"{where} repeats filename {filename!r} ({first_seen[filename]})",
+                "the Karpathy format has one entry per image, holding all its sentences: merge the entries or "
+                "remove one",
+                reason="malformed entry",
+            )
+        first_seen[filename] = where
         if image_split not in wanted:
             continue
-        filename = _field(image, "filename", str, ann_file, where)
         filepath = image.get("filepath") or ""
         sentences = _field(image, "sentences", list, ann_file, where)
         captions = [_caption(s, ann_file, f"{where}.sentences[{j}]") for j, s in enumerate(sentences)]
@@ -102,7 +116,7 @@ def load_karpathy(
 def _read_json(ann_file: str, where_to_get: str) -> Any:
     """Parse a JSON annotation file; missing -> FileNotFoundError saying ``where_to_get`` it, bad -> DataError."""
     if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"file {ann_file}: annotation file not found; {where_to_get}")
+        raise MissingFileError(f"file {ann_file}: annotation file not found; {where_to_get}")
     try:
         with open(ann_file, encoding="utf-8") as f:
             return json.load(f)
