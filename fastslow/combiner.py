@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastslow import index as fs_index
+from fastslow.errors import QueryError
 
 MODES = ("slow", "fuse")
 TeacherScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -274,6 +275,9 @@ class Combiner:
         k_min: rerank depth of confident queries when adaptive.
         logit_scale: the student's ``logit_scale.exp()``, turning cosine gaps into logit gaps for the margin.
         batch_size: queries encoded, searched and reranked together.
+        tokenizer, max_length: the student's tokenizer (`fastslow.tokenizer.TextTokenizer`) and query length; when
+            given, a query that encodes to no token at all (only zero-width or other invisible characters, e.g.
+            ``"\u200b"``) is refused like an empty one instead of being answered with a ranking of nothing asked.
     """
 
     def __init__(
@@ -289,6 +293,8 @@ class Combiner:
         k_min: int = 1,
         logit_scale: float = 1.0,
         batch_size: int = 256,
+        tokenizer: Any = None,
+        max_length: int | None = None,
     ) -> None:
         if mode != "fast":
             _check_mode(mode, alpha)
@@ -304,15 +310,17 @@ class Combiner:
         self.k_min = k_min
         self.logit_scale = logit_scale
         self.batch_size = batch_size
+        if tokenizer is not None and max_length is None:
+            raise ValueError("Combiner: tokenizer= needs max_length= (how the student cuts its queries)")
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     @staticmethod
     def _check_k(k: Any) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive integer (candidates per query), got {k!r}")
+            raise QueryError(f"k must be a positive integer (candidates per query), got {k!r}")
         return int(k)
 
-    @staticmethod
-    def _check_texts(texts: Sequence[str]) -> list[str]:
+    def _check_texts(self, texts: Sequence[str]) -> list[str]:
         if isinstance(texts, str):
             raise TypeError("pass a list of query strings, not a single string")
         texts = list(texts)
@@ -320,7 +328,14 @@ class Combiner:
             if not isinstance(text, str):
                 raise TypeError(f"query {i} is a {type(text).__name__}, not a string")
             if not text.strip():
-                raise ValueError(f"query {i} is empty or only whitespace ({text!r}): nothing to search for")
+                raise QueryError(f"query {i} is empty or only whitespace ({text!r}): nothing to search for")
+        if self.tokenizer is not None and texts:
+            empty = self.tokenizer.empty_texts(texts, self.max_length)
+            if empty:
+                shown = ", ".join(f"query {i} ({texts[i]!r})" for i in empty)
+                raise QueryError(
+                    f"{shown} has no words the tokenizer knows (only invisible characters): nothing to search for"
+                )
         return texts
 
     def rank(self, texts: Sequence[str], k: int | None = None) -> RerankResult:
@@ -335,7 +350,7 @@ class Combiner:
             ``fast`` mode ``scores`` are the student's and ``teacher_scores`` are NaN.
 
         Raises:
-            ValueError: k <= 0, or an empty / whitespace-only query.
+            QueryError: k <= 0, or an empty / whitespace-only query (or, with a tokenizer, one with no token).
             TypeError: ``texts`` is a single string or holds a non-string.
         """
         texts = self._check_texts(texts)
@@ -389,7 +404,7 @@ class Combiner:
             dropped, so a list can be shorter than k with approximate indexes.
 
         Raises:
-            ValueError: k <= 0, or an empty / whitespace-only query.
+            QueryError: k <= 0, or an empty / whitespace-only query (or, with a tokenizer, one with no token).
         """
         result = self.rank(texts, k)
         out = []

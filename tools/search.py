@@ -101,10 +101,6 @@ def main(argv=None) -> None:
     except ValueError:
         raise ConfigError(f"k={own['k']!r} is not a whole number") from None
     ml = cfg.data.max_length
-    empty = tok.empty_texts(own["query"], ml)
-    if empty:
-        shown = ", ".join(repr(own["query"][i]) for i in empty)
-        raise ConfigError(f"query {shown} has no words the tokenizer knows (empty or only invisible characters)")
     scorer = None
     if mode != "fast":  # the student alone reads no teacher tokens
         scorer = StoreTeacherScorer(teacher, stages.open_gallery_tokens(cfg, manifest, teacher_hash), tok, ml)
@@ -116,11 +112,10 @@ def main(argv=None) -> None:
         k=k,
         alpha=0.5 if alpha is None else alpha,
         logit_scale=float(student.inverse_temperature()),
+        tokenizer=tok,  # an empty or invisible-only query is refused (QueryError), k <= 0 too: exit status 2
+        max_length=ml,
     )
-    try:
-        results = comb.search(own["query"], k)
-    except ValueError as e:  # k <= 0, an empty query: the user's input, not a bug
-        raise ConfigError(str(e)) from None
+    results = comb.search(own["query"], k)
     ids, paths = manifest["item_ids"], manifest.get("item_paths", [])
     # The gallery is what build_index indexed: under data.on_error=skip, without the items it could not read.
     gallery = f"gallery {len(ids)}"
