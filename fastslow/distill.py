@@ -63,6 +63,10 @@ class TeacherPairScorer:
         on_error, ledger: ``data.on_error`` and the run's `SkipLedger`: under ``"skip"`` an item that cannot be
             read gets a placeholder row the store refuses to hand out (`TokenStore`); such a store is rebuilt by a
             run under ``"raise"``, which wants every item.
+        settings: the recipe settings the items' tokens depend on besides the files, by recipe key
+            (`fastslow.stages.visual_stamp`: ``{"data.image_size": 224}``, or the clip length and feature size),
+            stamped into the store beside the teacher and split hashes: a store built at another image size is
+            rebuilt, and refused by a reader that expects this one.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class TeacherPairScorer:
         is_main: bool = True,
         on_error: str = "raise",
         ledger=None,
+        settings: dict | None = None,
     ):
         from teachers import TokenStore
 
@@ -86,7 +91,7 @@ class TeacherPairScorer:
         self.chunk = chunk
         self.ids, self.mask = tokenizer.encode(split.captions, max_length)
         store_dir = Path(store_dir)
-        stamp = {"teacher_hash": teacher_hash, "split_hash": split_hash(split)}
+        stamp = {"teacher_hash": teacher_hash, "split_hash": split_hash(split), **(settings or {})}
         meta_path = store_dir / "meta.json"
         info = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         built, left_out = info.get("meta", {}), {int(r): why for r, why in info.get("skipped", {}).items()}
@@ -449,7 +454,6 @@ class GroupComposer:
         self.item_count = torch.bincount(t2v, minlength=split.n_items)
         self.text_to_visual = t2v
         self.student = student
-        self.skipped: dict[str, int] = {}
 
     def pool(self, batch: dict) -> torch.Tensor:
         """[A, K] mined items of the batch's anchors (-1: none yet)."""
@@ -478,7 +482,12 @@ class GroupComposer:
         return self.item_texts[self.item_start[items] + offset]
 
     def compose(self, batch: dict, step: int) -> tuple[dict, torch.Tensor]:
-        """The grouped batch (anchors first, then each anchor's neighbours) and each row's group id."""
+        """The grouped batch (anchors first, then each anchor's neighbours) and each row's group id.
+
+        The batch's ``"skipped"`` lists ``(path, reason)`` of the neighbours that could not be read under
+        ``data.on_error=skip`` (left out of the batch, their rows gone); under ``"raise"`` such a neighbour raises
+        the loader's `DataError`, naming the file.
+        """
         from fastslow.data import collate
 
         anchors = batch["text_index"].cpu()
@@ -488,13 +497,16 @@ class GroupComposer:
         n = self.group_size - 1
         loaded = [k for k, sample in enumerate(samples) if sample is not None and "skipped" not in sample]
         extra = collate(samples)
-        for _path, reason in extra.pop("skipped", []):  # counted like the trainer counts its own skips
-            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        # Neighbours that could not be read (data.on_error=skip) are left out of the batch and listed under
+        # "skipped", which the trainer records after prepare_batch like its loader's skips: in the run's SkipLedger
+        # and its per-reason counts, summed over processes and kept across resume.
+        skipped = extra.pop("skipped", [])
         group = torch.arange(len(anchors))
         if extra.get("empty", False):
-            return batch, group
+            return {**batch, "skipped": skipped}, group
         extra_group = torch.tensor(loaded, dtype=torch.long) // n
         merged = concat_batches(batch, extra)  # moves `extra` to the batch's device
+        merged["skipped"] = skipped
         return merged, torch.cat([group, extra_group])
 
 

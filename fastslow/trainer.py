@@ -402,7 +402,9 @@ class Trainer:
         seed: seeds the data order and every RNG.
         accelerator: built by `make_accelerator` when None.
         prepare_batch: `(batch, step) -> batch`, run without gradients before the forward pass
-            (e.g. to attach teacher scores for distillation).
+            (e.g. to attach teacher scores for distillation). Samples it loads itself and cannot read (under
+            ``data.on_error=skip``) it lists as ``batch["skipped"]`` (``(path, reason)`` pairs), which are
+            counted and recorded like the loader's.
         evaluate: `(unwrapped_model) -> dict` of validation metrics; called on every process.
         on_step_end: `(trainer) -> None` after every optimizer step (e.g. to refresh mined negatives).
         extra_files: files copied into every checkpoint and the final directory (config.yaml,
@@ -845,6 +847,9 @@ class Trainer:
                 if self.prepare_batch is not None:
                     with torch.no_grad():
                         batch = self.prepare_batch(batch, self.state.step)
+                    # Samples prepare_batch loaded itself and could not read (group-mode neighbours under
+                    # data.on_error=skip) are counted like the loader's own skips.
+                    self._record_skips(batch.pop("skipped", None) or [])
                 with acc.accumulate(self.model):
                     out = self.model(batch)
                     loss = out["loss"]

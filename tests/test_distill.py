@@ -23,6 +23,7 @@ from fastslow.distill import (
     group_mask,
     split_hash,
 )
+from fastslow.errors import StaleArtefactError
 from fastslow.evaluation import encode_texts_student
 from fastslow.losses import ClipLoss
 from fastslow.mining import inbatch_candidates, listwise_candidates
@@ -192,6 +193,22 @@ def test_scorer_reuses_the_store_of_the_same_teacher_and_rebuilds_for_another(da
     TeacherPairScorer(teacher, "hashB", train, loader, tok, MAX_LEN, store_dir)
     rebuilt = stamp()
     assert rebuilt[2] == "hashB" and rebuilt[:2] != first[:2]
+
+
+def test_train_token_store_is_stamped_with_the_image_size(data, tmp_path):
+    """The tokens of an item depend on the size it was read at: a store built at data.image_size=32 is rebuilt by a
+    run at another size (same teacher, same split), and refused by a reader that expects 32."""
+    train, loader, tok = data
+    teacher = make_teacher(tok)
+    store_dir = tmp_path / "tokens"
+    at_32 = TeacherPairScorer(teacher, "hashA", train, loader, tok, MAX_LEN, store_dir,
+                              settings={"data.image_size": 32})  # fmt: skip
+    assert TokenStore.open(store_dir).meta["meta"]["data.image_size"] == 32
+    inode = os.stat(store_dir / "tokens.npy").st_ino
+    TeacherPairScorer(teacher, "hashA", train, loader, tok, MAX_LEN, store_dir, settings={"data.image_size": 48})
+    assert os.stat(store_dir / "tokens.npy").st_ino != inode  # rebuilt, not reused
+    with pytest.raises(StaleArtefactError, match="data.image_size: saved 48, now 32"):
+        at_32.store  # noqa: B018 - every process opens the store checked against the stamp it expects
 
 
 # ------------------------------------------------------------------------------------------------ DistillBatcher

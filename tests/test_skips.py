@@ -33,7 +33,7 @@ from fastslow.data import (
     load_karpathy,
 )
 from fastslow.data.shapes import generate_shapes
-from fastslow.distill import CandidateMiner, TeacherPairScorer
+from fastslow.distill import CandidateMiner, DistillBatcher, DistillObjective, GroupComposer, TeacherPairScorer
 from fastslow.errors import StaleArtefactError
 from fastslow.evaluation import evaluate_student
 from fastslow.index import encode_gallery, hash_ids, load_embeddings
@@ -265,6 +265,38 @@ def test_miner_never_mines_an_unreadable_item(data):
     assert (miner.mined[good_texts] >= 0).sum(1).eq(train.n_items - 4).all()
     with pytest.raises(DataError, match="data.on_error=skip"):
         CandidateMiner(train, loader, tok, MAX_LEN, k=3).refresh(student)
+
+
+def test_group_neighbours_that_cannot_be_read_are_counted_like_other_skips(data, teacher, tmp_path, capsys):
+    """loss.distill=group loads each anchor's neighbours itself. The loader here serves only readable anchors, so
+    every file left out is a neighbour's: dropped from its batch, then counted by the trainer in the run's ledger and
+    its per-reason sample counts (summed over processes, kept in checkpoints), and listed at the end of the run."""
+    train, loader, tok = data
+    bad = bad_rows(train)
+    dataset = PairDataset(train, loader, tok, MAX_LEN, on_error="skip")
+    anchors = Subset(dataset, [t for t, item in enumerate(train.text_to_visual) if item not in bad])
+    miner = CandidateMiner(train, loader, tok, MAX_LEN, k=4, on_error="skip", ledger=SkipLedger())
+    composer = GroupComposer(train, dataset, miner, group_size=4, seed=0)  # never mined: random neighbours
+    scorer = TeacherPairScorer(teacher, "h", train, loader, tok, MAX_LEN, tmp_path / "tokens", on_error="skip",
+                               ledger=SkipLedger())  # fmt: skip
+    batcher = DistillBatcher("group", scorer, None, miner, mine_every=10**6, composer=composer, mine_start=10**6)
+    batch, _ = composer.compose(collate([dataset[int(i)] for i in anchors.indices[:4]]), step=0)
+    assert all(Path(path).name in BAD for path, _ in batch["skipped"])
+    assert not set(batch["item_index"].tolist()) & set(bad)  # the rows of what could not be read are gone
+    torch.manual_seed(0)
+    objective = DistillObjective(create_student("dual_encoder_tiny", **model_kw(tok)))
+    out = tmp_path / "run"
+    cfg = TrainConfig(max_steps=6, batch_size=2, lr=1e-3, warmup_steps=1, save_every=3, log_every=10)
+    trainer = Trainer(objective, anchors, collate_fn=collate, out_dir=out, cfg=cfg, seed=1,
+                      accelerator=make_accelerator(out, log=False), prepare_batch=batcher)  # fmt: skip
+    state = trainer.train()
+    met = {Path(p).name: e["reason"] for p, e in trainer.skip_ledger.files.items()}
+    assert met and all(BAD[name][0] == reason for name, reason in met.items()), met
+    assert sum(state.skipped.values()) >= len(met) and set(state.skipped) == set(met.values())
+    assert {Path(f["path"]).name for f in json.loads((out / SKIP_FILE).read_text())["files"]} == set(met)
+    assert f"left out by this run (data.on_error=skip): {len(met)} file" in capsys.readouterr().out
+    saved = json.loads((out / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
+    assert saved["skipped"] == state.skipped  # in the checkpoint, so a resumed run still accounts for them
 
 
 def test_validation_leaves_out_unreadable_items_and_says_how_many(data):

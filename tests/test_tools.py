@@ -58,6 +58,9 @@ def test_stages_leave_self_describing_checkpoints(smoke_run):
         assert ckpts and (ckpts[-1] / "trainer_state.json").is_file() and (ckpts[-1] / "config.yaml").is_file()
     for name in ("index.faiss", "manifest.json", "embeddings.npy", "tokens/tokens.npy"):
         assert (out / "index" / name).is_file(), name
+    # distill.py stamps the training split's teacher tokens with the image size they were read at.
+    train_tokens = json.loads((out / "cache" / "teacher_tokens_train" / "meta.json").read_text())["meta"]
+    assert train_tokens["data.image_size"] == 32 and train_tokens["teacher_hash"]
 
 
 def test_rerank_eval_writes_the_documented_schema(smoke_run):

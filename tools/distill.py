@@ -95,6 +95,7 @@ def main(argv=None) -> None:
             is_main=acc.is_main_process,
             on_error=on_error,
             ledger=ledger,
+            settings=stages.visual_stamp(cfg),  # the tokens are of the items at this image size (clip length)
         )
         acc.wait_for_everyone()
         cache = TeacherScoreCache(
@@ -182,9 +183,7 @@ def main(argv=None) -> None:
     )
     if mode == "listwise" and batcher.miner.item_emb is None:  # a fresh run: mine with the initial student
         batcher.miner.refresh(trainer.unwrapped().model)
-    state = trainer.train()
-    if composer is not None and composer.skipped:
-        acc.print(f"neighbour samples skipped (data.on_error=skip): {composer.skipped}")
+    state = trainer.train()  # its last lines account for every file left out, group neighbours included
     acc.print(
         f"student saved to {out} after {state.step} steps; teacher pairs scored this run: "
         f"{batcher.pairs_scored}; cache hits: {batcher.cache_hits}; "
