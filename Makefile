@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_processes 1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean-runs
+.PHONY: demo test test-fault install lint clean-runs
 
 # -qq: pip prints errors only (some pip configs warn once per configured index).
 $(STAMP): pyproject.toml
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# SIGKILL distill at several points and resume (minutes): not part of `make test`.
+test-fault: $(STAMP)
+	$(BIN)/python -m pytest -q -m fault tests/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
