@@ -450,7 +450,7 @@ def load_index(
     except RuntimeError as e:  # faiss reports a short or foreign file as a C++ assertion
         raise StaleArtefactError(
             f"{index_path} cannot be read by faiss ({index_path.stat().st_size} bytes: truncated or damaged; "
-            f"{_first_line(e)}): rebuild with {rebuild}",
+            f"{_last_line(e)}): rebuild with {rebuild}",
             path=index_path,
             rebuild=rebuild,
         ) from e
@@ -498,7 +498,7 @@ def load_embeddings(out_dir: str | os.PathLike, *, expect: dict[str, Any], rebui
     return np.load(path, allow_pickle=False)
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
     """faiss's C++ messages run over several lines of source locations; the last line is the one that says why."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
