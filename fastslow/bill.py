@@ -252,7 +252,7 @@ def bill(
                 "flops": float(f),
                 "gpu_hours_1": gpu.hours(f),
                 "wall_hours_8": gpu.hours(f, 8),
-                "images": images,
+                "images": images if modality(cfg) == "image" else 0,
                 "loader_hours_1": images / (decode * workers) / 3600.0 if decode and images else None,
             }
             for name, f, images in stages
