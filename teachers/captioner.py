@@ -24,6 +24,11 @@ Score (`Captioner.score`), the length-normalised log-likelihood summed over the 
     s(t, v) = sum_dir (1 / |t|) sum_{i=1}^{|t|} log p_dir(t_i | t_<i, v),   t = (w_1 .. w_n, EOS) in reading order
 
 |t| = n + 1 counts the predicted tokens (EOS included, BOS excluded).
+
+* **Token merging at scoring time** (`merge_ratio`, CrossGET / ToMe): before decoder group g >= 1 the visual tokens
+  its layers read are merged g times, each time folding the `merge_ratio` share most similar to a partner into it
+  (bipartite soft matching, `merge_tokens`), so later groups attend fewer tokens; attention to a merged token is
+  weighted by how many tokens it holds (log-size bias). Training (`loss`) never merges; 0 is the unmerged model.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class CaptionerConfig:
     feature_dim: int = 1024  # video: clip feature width D_in (I3D: 1024)
     temporal_pool: tuple[int, ...] = (4, 2, 1)  # video: pooling factor per temporal scale, coarse -> fine
     temporal_depth: int = 1  # video: transformer layers over frames before pooling
+    merge_ratio: float = 0.0  # scoring only: share of visual tokens merged before each decoder group after the first
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML as lists; keep them hashable and printable the same way.
@@ -92,6 +98,10 @@ class CaptionerConfig:
             raise ValueError(
                 f"cross_attn='gradual' needs one decoder group per visual scale: "
                 f"group_depths={self.group_depths} vs {self.num_scales} scales"
+            )
+        if not 0.0 <= float(self.merge_ratio) <= 0.5:
+            raise ValueError(
+                f"merge_ratio={self.merge_ratio} must be in [0, 0.5] (bipartite matching merges at most half)"
             )
         pools = self.temporal_pool
         if any(p < 1 or pools[0] % p for p in pools) or list(pools) != sorted(pools, reverse=True):
@@ -156,6 +166,65 @@ def _key_mask(mask: Tensor | None) -> Tensor | None:
         return None
     mask = mask | ~mask.any(1, keepdim=True)
     return mask[:, None, None, :]
+
+
+def _size_bias(sizes: Tensor, mask: Tensor | None) -> Tensor:
+    """Proportional attention over merged tokens (ToMe): logits + log(size); padding -inf. -> [B, 1, 1, N] float."""
+    bias = sizes.log()
+    if mask is not None:
+        mask = mask | ~mask.any(1, keepdim=True)  # as `_key_mask`: an item with no real token attends to all
+        bias = bias.masked_fill(~mask, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def merge_tokens(tokens: Tensor, sizes: Tensor, mask: Tensor | None, r: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Merge r tokens of each item into their most similar partner (bipartite soft matching, Bolya et al. 2023).
+
+    Tokens alternate into sets A (even positions) and B (odd); each A token's partner is its most cosine-similar
+    B token; the r A tokens with the most similar partners are folded into them as a size-weighted mean. Cross-
+    attention has no notion of token order, so the result is [kept A tokens, B tokens]. Similarity is measured on
+    the tokens themselves, not on one layer's keys as ToMe does: the merge is then computed once per item for every
+    layer and decoder that reads it.
+
+    Padding (video; mask False) weighs 0 in every mean: a padded A token merges first (it costs nothing), a real
+    token merges into a real partner, and only when none is left into a padded one, which then becomes real. So
+    no real token is ever dropped and the output mask says which tokens hold something.
+
+    Args:
+        tokens: [B, N, D]; sizes: [B, N] tokens each one already holds (1 before any merge); mask: [B, N] or None.
+        r: tokens to remove per item (at most the size of A).
+
+    Returns:
+        (tokens [B, N - r, D], sizes [B, N - r], mask [B, N - r] or None).
+    """
+    B, N, D = tokens.shape
+    r = min(int(r), N // 2)  # A has ceil(N/2) tokens and B floor(N/2); r <= |B| keeps B non-empty
+    if r <= 0:
+        return tokens, sizes, mask
+    real = torch.ones(B, N, dtype=torch.bool, device=tokens.device) if mask is None else mask
+    a, b, ra, rb = tokens[:, ::2], tokens[:, 1::2], real[:, ::2], real[:, 1::2]
+    sim = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)  # [B, Na, Nb] in [-1, 1]
+    if mask is not None:
+        both = ra[:, :, None] & rb[:, None, :]
+        sim = torch.where(both, sim, torch.where(ra[:, :, None], -1e4, 2.0).expand_as(sim))
+    best, partner = sim.max(dim=-1)  # [B, Na]
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    merged, kept = order[:, :r], order[:, r:]
+    weight = sizes.to(tokens.dtype) * real  # padding weighs nothing
+    wa, wb = weight[:, ::2], weight[:, 1::2]
+    w = torch.gather(wa, 1, merged)
+    dst = torch.gather(partner, 1, merged)
+    src = torch.gather(a, 1, merged[..., None].expand(-1, -1, D))
+    b_sum = (b * wb[..., None]).scatter_add(1, dst[..., None].expand(-1, -1, D), src * w[..., None])
+    b_size = wb.scatter_add(1, dst, w)
+    holds = b_size > 0
+    new_b = torch.where(holds[..., None], b_sum / b_size.clamp_min(1e-12)[..., None], b)
+    out_tokens = torch.cat([torch.gather(a, 1, kept[..., None].expand(-1, -1, D)), new_b], dim=1)
+    out_sizes = torch.cat(
+        [torch.gather(sizes[:, ::2], 1, kept), torch.where(holds, b_size, 1.0).to(sizes.dtype)], dim=1
+    )
+    out_mask = None if mask is None else torch.cat([torch.gather(ra, 1, kept), holds], dim=1)
+    return out_tokens, out_sizes, out_mask
 
 
 # --------------------------------------------------------------------------------------------------- blocks
@@ -408,13 +477,13 @@ class TextDecoder(nn.Module):
             x = x + self.dir_embed[direction]
         return self.layers[0].self_block(self.drop(x))
 
-    def memories(self, visual: VisualTokens, layer_slices: list[slice]) -> list[tuple[tuple[Tensor, Tensor], Any]]:
-        """Per layer: cross-attention keys/values of its scale's tokens and the key mask. Computed once per item."""
-        out = []
-        for layer, sl in zip(self.layers, layer_slices):
-            mask = _key_mask(None if visual.mask is None else visual.mask[:, sl])
-            out.append((layer.cross_attn.memory(visual.tokens[:, sl]), mask))
-        return out
+    def memories(self, layer_tokens: list[tuple[Tensor, Tensor | None]]) -> list[tuple[tuple[Tensor, Tensor], Any]]:
+        """Per layer: cross-attention keys/values of the tokens it reads, and their SDPA mask (bool or float bias).
+
+        `layer_tokens` holds one (tokens [V, N, D], attention mask) per layer (`Captioner._layer_tokens`); computed
+        once per item.
+        """
+        return [(layer.cross_attn.memory(tok), mask) for layer, (tok, mask) in zip(self.layers, layer_tokens)]
 
     def forward(self, x: Tensor, memories: list) -> Tensor:
         """x [V, m, L, D] from `embed` (m texts per item), memories from `memories` -> final hidden [V, m, L, D]."""
@@ -449,6 +518,7 @@ class Captioner(nn.Module):
         # Token scale read by each decoder layer: group g -> scale g ("gradual"), else the single kept scale.
         groups = range(len(cfg.group_depths)) if cfg.cross_attn == "gradual" else [0] * len(cfg.group_depths)
         self.layer_scales = [g for g, depth in zip(groups, cfg.group_depths) for _ in range(depth)]
+        self.layer_groups = [g for g, depth in enumerate(cfg.group_depths) for _ in range(depth)]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -472,6 +542,12 @@ class Captioner(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.decoders[0].tok_embed.weight.dtype
+
+    def set_merge_ratio(self, ratio: float) -> None:
+        """Token merging for scoring from now on (a query-time choice: the weights and token stores are unchanged)."""
+        if not 0.0 <= float(ratio) <= 0.5:
+            raise ValueError(f"merge_ratio={ratio} must be in [0, 0.5] (bipartite matching merges at most half)")
+        self.config.merge_ratio = float(ratio)
 
     # ------------------------------------------------------------------------------------------ visual side
     def encode_visual(self, x: Tensor, mask: Tensor | None = None) -> VisualTokens:
@@ -503,12 +579,33 @@ class Captioner(nn.Module):
             )
         return sizes
 
-    def _memories(self, visual: VisualTokens) -> list[list]:
+    def _layer_tokens(self, visual: VisualTokens, merge: bool) -> list[tuple[Tensor, Tensor | None]]:
+        """Per decoder layer: the tokens it reads (its scale's; merged `group` times with `merge`) and their mask."""
         starts = [0]
         for n in self.scale_sizes(visual.num_tokens):
             starts.append(starts[-1] + n)
-        slices = [slice(starts[s], starts[s + 1]) for s in self.layer_scales]
-        return [dec.memories(visual, slices) for dec in self.decoders]
+        ratio = float(self.config.merge_ratio) if merge else 0.0
+        out, merged = [], {}
+        for scale, group in zip(self.layer_scales, self.layer_groups):
+            sl = slice(starts[scale], starts[scale + 1])
+            tokens, mask = visual.tokens[:, sl], None if visual.mask is None else visual.mask[:, sl]
+            if ratio == 0.0 or group == 0:  # the unmerged model, bit for bit
+                out.append((tokens, _key_mask(mask)))
+                continue
+            key = (scale, group)
+            if key not in merged:  # merge once more than the previous group did, from its result
+                prev = merged.get(
+                    (scale, group - 1), (tokens, torch.ones(tokens.shape[:2], device=tokens.device), mask)
+                )
+                t, z, m = prev
+                merged[key] = merge_tokens(t, z, m, int(t.shape[1] * ratio))
+            t, z, m = merged[key]
+            out.append((t, _size_bias(z, m).to(t.dtype)))
+        return out
+
+    def _memories(self, visual: VisualTokens, merge: bool = False) -> list[list]:
+        layer_tokens = self._layer_tokens(visual, merge)
+        return [dec.memories(layer_tokens) for dec in self.decoders]
 
     # ------------------------------------------------------------------------------------------ text side
     def _text_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
@@ -635,7 +732,9 @@ class Captioner(nn.Module):
             vis = visual[idx].to(self.device, self.dtype)
             seqs, tmask = self._text_inputs(ids[idx], mask[idx])
             cols = []
-            for dec, h, tgt, _ in self._hidden(self._memories(vis), seqs, aligned=True, num_visual=len(vis)):
+            for dec, h, tgt, _ in self._hidden(
+                self._memories(vis, merge=True), seqs, aligned=True, num_visual=len(vis)
+            ):
                 cols.append(self._mean_log_prob(dec, h, tgt, tmask[:, None], self._rows()))  # [n_c, k]
             out[idx] = torch.cat(cols, dim=1)
         return out
@@ -688,7 +787,7 @@ class Captioner(nn.Module):
         out = torch.empty(T, V, device=self.device)
         for v0 in range(0, V, visual_chunk):
             vis = visual[v0 : v0 + visual_chunk].to(self.device, self.dtype)
-            memories = self._memories(vis)
+            memories = self._memories(vis, merge=True)
             for idx, seqs, tmask in texts:
                 total = 0.0
                 for dec, h, tgt, k in self._hidden(memories, seqs, aligned=False, num_visual=len(vis)):
