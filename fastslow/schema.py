@@ -77,6 +77,12 @@ class DataConfig:
     on_error: OnError = MISSING
     max_length: int = key(ge=3)  # BOS + at least one token + EOS
     max_captions: int | None = key(ge=1)
+    # val / test only: the first N captions of each item in file order, applied after max_captions. The standard
+    # protocols score 5 per image (COCO 5k test: 25,000 captions; the file holds 25,010, some images having 6 or 7).
+    eval_captions: int | None = key(None, ge=1)
+    # video datasets: a JSON {"val": [...], "test": [...], "train"?: [...]} of videoIDs (the published lists of the
+    # common VATEX retrieval split, so figures compare with papers); null: the official val file cut in its order.
+    split_file: str | None = None
     num_workers: int = key(ge=0)
     # image datasets (shapes, karpathy)
     ann_file: str | None = None  # the Karpathy split file
