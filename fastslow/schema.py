@@ -163,6 +163,10 @@ class LossConfig:
     listwise_k: int = key(ge=1)
     mine_every: int = key(ge=1)
     listwise_fresh_positive: bool = MISSING
+    # Several processes: InfoNCE and the in-batch KL over every process's rows (gathered with gradients), so the
+    # loss and its gradient are those of one process given the global batch. true by default: the figures then do
+    # not change with the GPU count; on one process it does nothing.
+    gather: bool = True
 
 
 @dataclass

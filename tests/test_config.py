@@ -139,6 +139,7 @@ ISSUE_13_BAD = [
     ("teacher_train.resume=/no/such/ckpt", "no such checkpoint"),
     ("data.eval_captions=0", ">= 1"),
     ("data.split_file=/data/split.json", "does not read it"),  # shapes is an image dataset
+    ("loss.gather=maybe", "bool"),
 ]
 
 

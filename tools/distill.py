@@ -140,6 +140,7 @@ def main(argv=None) -> None:
             swappable=swappable,
             seed=cfg.seed,
             rank=acc.process_index,
+            gather=cfg.loss.gather,
         )
 
     objective = DistillObjective(
@@ -154,6 +155,7 @@ def main(argv=None) -> None:
         denoise_margin=cfg.loss.denoise_margin,
         margin_mse_weight=cfg.loss.margin_mse_weight,
         swap_weight=cfg.loss.swap_weight,
+        gather=cfg.loss.gather,
     )
 
     def validate(obj):

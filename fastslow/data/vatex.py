@@ -236,4 +236,3 @@ def read_split_file(
                 reason="unknown videoID",
             )
     return out
-
