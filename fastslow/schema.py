@@ -212,6 +212,9 @@ class EvalConfig:
     split: Split = MISSING
     k: list[int] = key(ge=1)  # every depth >= 1, at least one
     max_gallery: int = key(ge=0)
+    # Validation during training on a fixed sample of this many val items (all their captions; the same items in
+    # every run): the teacher ranks every val pair, 125M for COCO's 5k val. null: every val item.
+    val_items: int | None = key(None, ge=1)
     text_batch: int = key(ge=1)
     latency_queries: int = key(ge=1)
 

@@ -461,10 +461,18 @@ def prepare_training(
     cfg: DictConfig, accelerator, ledger: SkipLedger | None = None
 ) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer, Any]:
     """What both training stages start from: the config shown, the data in place, the train and val
-    splits (their load-time drops recorded in `ledger`), the run's tokenizer and the item loader."""
+    splits (their load-time drops recorded in `ledger`; val cut to `eval.val_items` items, a fixed sample), the
+    run's tokenizer and the item loader."""
     print_config(cfg, accelerator)
     ensure_shapes(cfg, accelerator)
-    train, val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
+    train, full_val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
+    val = full_val.sample_items(cfg.eval.val_items)
+    if val is not full_val and (accelerator is None or accelerator.is_main_process):
+        print(
+            f"{full_val.name}: validating on a fixed sample of {val.n_items} of {full_val.n_items} items "
+            f"({val.n_texts} of {full_val.n_texts} captions; eval.val_items={cfg.eval.val_items})",
+            flush=True,
+        )
     return train, val, get_tokenizer(cfg, train, accelerator), visual_loader(cfg)
 
 

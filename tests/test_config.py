@@ -140,6 +140,7 @@ ISSUE_13_BAD = [
     ("data.eval_captions=0", ">= 1"),
     ("data.split_file=/data/split.json", "does not read it"),  # shapes is an image dataset
     ("loss.gather=maybe", "bool"),
+    ("eval.val_items=0", ">= 1"),
 ]
 
 

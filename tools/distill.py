@@ -159,7 +159,8 @@ def main(argv=None) -> None:
     )
 
     def validate(obj):
-        kw = dict(max_length=cfg.data.max_length, on_error=on_error, ledger=ledger, where="val")
+        # Every process validates its part of the val items and texts (the trainer calls this on each); gathered.
+        kw = dict(max_length=cfg.data.max_length, on_error=on_error, ledger=ledger, where="val", shard=True)
         return evaluate_student(obj.model, val, load_visual, tok, **kw)
 
     run_files = stages.run_files(out, student)  # config.yaml (and a pretrained text tower's text_config.json)

@@ -137,6 +137,24 @@ class RetrievalSplit:
             self.dropped_captions,
         )
 
+    def sample_items(self, n: int | None, seed: int = 0) -> RetrievalSplit:
+        """A fixed sample of ``n`` items with all their captions, in split order (``eval.val_items``: validation on a
+        capped part of a large val split, the same items at every validation and in every run of the split).
+
+        Args:
+            n: items kept; None, or at least `n_items`, keeps the split as it is.
+            seed: which sample (a torch.Generator seed; a constant by default, so runs compare).
+
+        Returns:
+            ``select_items`` of ``n`` items drawn without replacement, sorted.
+        """
+        if n is None or n >= self.n_items:
+            return self
+        if n < 1:
+            raise ValueError(f"RetrievalSplit {self.name!r}: sample_items needs n >= 1, got {n}")
+        drawn = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(seed))[:n]
+        return self.select_items(sorted(drawn.tolist()))
+
 
 @dataclass
 class _Entry:
