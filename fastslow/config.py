@@ -395,6 +395,11 @@ def _validate(cfg: DictConfig) -> None:
     _check_ranges(cfg, schema.RecipeConfig, "")
     _check_dataset_keys(cfg)
     _check_generate(cfg)
+    if cfg.data.split_file is not None and str(cfg.data.dataset) not in ("vatex", "shapes_video"):
+        raise ConfigError(
+            f"data.split_file={cfg.data.split_file} is set but data.dataset={cfg.data.dataset} does not read it (only "
+            "vatex and shapes_video do; the Karpathy file carries its own split): set data.split_file=null"
+        )
     if cfg.loss.distill == "swap" and cfg.loss.swaps < 1:
         raise ConfigError(f"loss.distill=swap needs loss.swaps >= 1 (got {cfg.loss.swaps}); or pick another mode")
     for section in ("train", "teacher_train"):
@@ -475,6 +480,8 @@ def check_data_files(cfg: DictConfig) -> None:
         wanted = [("data.ann_file", d.ann_file), ("data.image_dir", d.image_dir)]
     else:
         wanted = [("data.ann_train", d.ann_train), ("data.ann_val", d.ann_val), ("data.feature_dir", d.feature_dir)]
+        if d.split_file is not None:
+            wanted.append(("data.split_file", d.split_file))
     hints = {
         "karpathy": "the Karpathy split file (dataset_flickr30k.json / dataset_coco.json) and the image folder",
         "vatex": "vatex_training_v1.0.json, vatex_validation_v1.0.json and a folder of I3D <videoID>.npy features",

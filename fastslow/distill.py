@@ -33,7 +33,7 @@ from torch import nn
 
 from fastslow.data import RetrievalSplit, captions_per_path
 from fastslow.evaluation import encode_items, encode_texts_student, teacher_token_rows, visual_args
-from fastslow.losses import TEACHER_NORMS, ClipLoss, DistillLoss, teacher_logits, teacher_matches
+from fastslow.losses import TEACHER_NORMS, ClipLoss, DistillLoss, gather_rows, teacher_logits, teacher_matches
 from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_negatives, swap_words
 from fastslow.score_cache import TeacherScoreCache
 from fastslow.tokenizer import TextTokenizer
@@ -300,6 +300,9 @@ class DistillObjective(nn.Module):
             logits / τ_T. 0 = off.
         swap_weight: weight of the KL over each item's caption and its word-swapped copies (``swap_*`` keys
             attached by `DistillBatcher` with ``swaps > 0``): the teacher's p(text | item) over the texts.
+        gather: InfoNCE and the in-batch KL (and margin-MSE, denoising) over every process's rows, gathered with
+            their gradients (`fastslow.losses.gather_rows`): the loss of one process given the global batch.
+            The `DistillBatcher` must then attach ``inbatch_*`` with a column per pair of the global batch.
     """
 
     def __init__(
@@ -316,8 +319,10 @@ class DistillObjective(nn.Module):
         denoise_margin: float | None = None,
         margin_mse_weight: float = 0.0,
         swap_weight: float = 1.0,
+        gather: bool = False,
     ):
         super().__init__()
+        self.gather = gather
         if teacher_norm not in TEACHER_NORMS:
             raise ValueError(f"loss.teacher_norm={teacher_norm!r} is not one of {', '.join(TEACHER_NORMS)}")
         self.model = student
@@ -346,15 +351,30 @@ class DistillObjective(nn.Module):
         return err.sum() / pairs.sum().clamp(min=1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        v = self.model.encode_visual(*visual_args(batch))  # [B, E]
-        t = self.model.encode_text(batch["input_ids"], batch["attention_mask"])  # [B, E]
+        v_own = self.model.encode_visual(*visual_args(batch))  # [B, E] this process's rows
+        t_own = self.model.encode_text(batch["input_ids"], batch["attention_mask"])  # [B, E]
         scale = self.model.inverse_temperature()
         n_tokens = batch["attention_mask"].sum(1) - 1  # predicted tokens per caption (all but BOS)
+        # The InfoNCE and in-batch terms run over the global batch (every process's rows, gradients carried back by
+        # the gather) when `gather` is on: the same loss on every process, the loss of one process given the
+        # whole batch. The per-row terms below (swap, listwise) stay on the own rows: the data-parallel average of
+        # their gradients is already the global one.
+        v, t, items = v_own, t_own, batch["item_index"]
+        if self.gather:
+            (v, _), (t, _) = gather_rows(v_own), gather_rows(t_own)
+            items = gather_rows(items, grad=False)[0]
         out: dict[str, torch.Tensor] = {}
         exclude = None
         if "inbatch_teacher" in batch:
-            mask = batch["inbatch_mask"].bool()
-            logits_t = self._logits(batch["inbatch_teacher"], mask, n_tokens)
+            mask = batch["inbatch_mask"].bool()  # [B, B], or [B, N] columns of the global batch under gather
+            if mask.shape[1] != len(v):
+                raise ValueError(
+                    f"inbatch_mask {tuple(mask.shape)} has a column per pair of a batch of {mask.shape[1]}, the "
+                    f"objective sees {len(v)} pairs: DistillBatcher and DistillObjective need the same `gather`"
+                )
+            logits_t = self._logits(batch["inbatch_teacher"], mask, n_tokens)  # row-wise: before the gather
+            if self.gather:
+                logits_t, mask = gather_rows(logits_t, grad=False)[0], gather_rows(mask, grad=False)[0]
             if self.denoise_margin is not None:
                 exclude = teacher_matches(logits_t, mask, self.denoise_margin)
                 out["denoised_negatives"] = exclude.sum().float().detach()
@@ -363,7 +383,7 @@ class DistillObjective(nn.Module):
             out["inbatch_distill_loss"] = d["distill_loss"]
             if self.margin_mse_weight:
                 out["margin_mse_loss"] = self._margin_mse(s, logits_t, mask, scale)
-        out.update(self.clip(v, t, scale, batch["item_index"], exclude=exclude))
+        out.update(self.clip(v, t, scale, items, exclude=exclude))
         loss = self.contrastive_weight * out["contrastive_loss"]
         if "inbatch_distill_loss" in out:
             loss = loss + self.distill_weight * out["inbatch_distill_loss"]
@@ -373,18 +393,18 @@ class DistillObjective(nn.Module):
             b, n, width = batch["swap_ids"].shape
             swap_mask = batch["attention_mask"][:b, None, :width].expand(b, n, width).reshape(b * n, width)
             t_swap = self.model.encode_text(batch["swap_ids"].reshape(b * n, width), swap_mask).view(b, n, -1)
-            t_own, v_own = t[:b], v[:b]  # the first b rows carry swaps (`DistillBatcher` swap_rows)
-            s = torch.cat([(t_own * v_own).sum(-1, keepdim=True), torch.einsum("bne,be->bn", t_swap, v_own)], dim=1)
+            t_rows, v_rows = t_own[:b], v_own[:b]  # the first b rows carry swaps (`DistillBatcher` swap_rows)
+            s = torch.cat([(t_rows * v_rows).sum(-1, keepdim=True), torch.einsum("bne,be->bn", t_swap, v_rows)], 1)
             mask = batch["swap_mask"].bool()
             logits_t = self._logits(batch["swap_teacher"], mask, n_tokens[:b])
             d = self.kl(s, logits_t, mask, student_logit_scale=scale)
             out["swap_distill_loss"] = d["distill_loss"]
             loss = loss + self.swap_weight * d["distill_loss"]
         if "listwise_teacher" in batch:
-            bank = batch["listwise_emb"].to(t.dtype)  # [B, K+1, E], no gradient (memory bank)
+            bank = batch["listwise_emb"].to(t_own.dtype)  # [B, K+1, E], no gradient (memory bank)
             # the positive is fresh and differentiable unless fresh_positive=False
-            cand = torch.cat([v.unsqueeze(1), bank[:, 1:]], dim=1) if self.fresh_positive else bank
-            s = torch.einsum("be,bke->bk", t, cand)
+            cand = torch.cat([v_own.unsqueeze(1), bank[:, 1:]], dim=1) if self.fresh_positive else bank
+            s = torch.einsum("be,bke->bk", t_own, cand)
             mask = batch["listwise_mask"].bool()
             logits_t = self._logits(batch["listwise_teacher"], mask, n_tokens)
             d = self.kl(s, logits_t, mask, student_logit_scale=scale)
@@ -475,7 +495,7 @@ class GroupComposer:
         if picked.shape[1] < n:
             picked = torch.cat([picked, torch.full((a, n - picked.shape[1]), -1, dtype=torch.long)], dim=1)
         # Missing neighbours (before the first mining, or a gallery smaller than K): random other items.
-        random_items = (positive[:, None] + 1 + torch.randint(0, max(self.split.n_items - 1, 1), (a, n), generator=g))
+        random_items = positive[:, None] + 1 + torch.randint(0, max(self.split.n_items - 1, 1), (a, n), generator=g)
         random_items = random_items % self.split.n_items
         items = torch.where(picked >= 0, picked, random_items).flatten()
         offset = (torch.rand(len(items), generator=g) * self.item_count[items]).long()
@@ -548,6 +568,10 @@ class DistillBatcher:
         swappable: [V, V] bool, the token pairs that may be swapped (`fastslow.mining.swappable_tokens`: words
             of one role, e.g. two colours); None: any two tokens.
         seed, rank: make the swap draws deterministic per step and distinct per process.
+        gather: in-batch and group targets get a column per pair of the global batch (every process's rows, in
+            rank order), as `DistillObjective(gather=True)` needs: in-batch mode then scores this process's rows
+            against every process's items (B x world B pairs per process, where B x B without it); group mode
+            keeps its own groups' columns and masks the others.
     """
 
     def __init__(
@@ -565,7 +589,9 @@ class DistillBatcher:
         rank: int = 0,
         swap_rows: int | None = None,
         swappable: torch.Tensor | None = None,
+        gather: bool = False,
     ):
+        self.gather = gather
         if mode not in DISTILL_MODES:
             raise ValueError(f"loss.distill={mode!r} is not one of {', '.join(DISTILL_MODES)}")
         if mode == "group" and composer is None:
@@ -618,19 +644,32 @@ class DistillBatcher:
             batch["group"] = group.to(batch["input_ids"].device)
         text, item = batch["text_index"].cpu(), batch["item_index"].cpu()
         device = batch["input_ids"].device
+        # The global batch's items (every process's, in rank order) and where ours start, under gather.
+        items, offset = item, 0
+        if self.gather and self.mode in ("group", "inbatch"):
+            items, offset = gather_rows(batch["item_index"], grad=False)
+            items = items.cpu()
         if self.mode == "group":
             mask = group_mask(batch["group"].cpu(), item)
             i, j = mask.nonzero(as_tuple=True)
             scores = torch.zeros(mask.shape)
             scores[i, j] = self._teacher(text[i], item[j])  # B x group_size pairs, cached across steps and runs
+            if self.gather:  # a group's candidates are its own rows: our block of the global columns
+                own = slice(offset, offset + len(item))
+                wide_scores, wide_mask = (
+                    torch.zeros(len(item), len(items)),
+                    torch.zeros(len(item), len(items), dtype=torch.bool),
+                )
+                wide_scores[:, own], wide_mask[:, own] = scores, mask
+                scores, mask = wide_scores, wide_mask
             batch["inbatch_teacher"], batch["inbatch_mask"] = scores.to(device), mask.to(device)
         elif self.mode == "swap":
             pass  # no item-side candidates: the swap targets below are the whole distillation signal
         elif self.mode == "inbatch":
-            mask = inbatch_candidates(item)
+            mask = inbatch_candidates(items)[offset : offset + len(item)]  # our rows x the (global) batch's items
             r = len(text) if self.inbatch_rows is None else min(self.inbatch_rows, len(text))
             scores = torch.zeros(mask.shape)
-            scores[:r] = self._inbatch(text[:r], item)
+            scores[:r] = self._inbatch(text[:r], items)
             mask[r:] = False  # rows without teacher targets contribute no KL term
             batch["inbatch_teacher"], batch["inbatch_mask"] = scores.to(device), mask.to(device)
         else:

@@ -198,6 +198,43 @@ def encode_texts_student(
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def _shard(n: int, shard: bool) -> range:
+    """This process's contiguous part of ``range(n)`` (rank order, so that gathered parts line up), all without
+    ``shard`` or on one process."""
+    from fastslow.losses import process_group
+
+    rank, world = process_group() if shard else (0, 1)
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _gather(x: torch.Tensor, device, shard: bool) -> torch.Tensor:
+    """Every process's rows of ``x`` in rank order, on the CPU (through ``device``: NCCL gathers GPU tensors)."""
+    if not shard:
+        return x
+    from fastslow.losses import gather_rows
+
+    return gather_rows(x.to(device), grad=False)[0].cpu()
+
+
+def _read_items(encode, split, load_visual, batch_size, device, shard, **skip) -> tuple[list, torch.Tensor]:
+    """``encode`` over this process's items that can be read: (outputs, their indices in ``split``)."""
+    part = _shard(split.n_items, shard)
+    if not len(part):
+        return [], torch.zeros(0, dtype=torch.long)
+    mine = split if len(part) == split.n_items else split.select_items(part)
+    outputs, kept = [], []
+    for index, args in iter_items(mine, load_visual, batch_size, device, **skip):
+        outputs.append(encode(*args))
+        kept.append(index + part.start)
+    return outputs, torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+
+
+def _read_split(split: RetrievalSplit, kept: torch.Tensor) -> RetrievalSplit:
+    if not len(kept):
+        raise ValueError(f"no item of {split.name} could be read ({split.n_items} tried): nothing to evaluate")
+    return split if len(kept) == split.n_items else split.select_items(kept.tolist())
+
+
 def evaluate_teacher(
     teacher,
     split: RetrievalSplit,
@@ -209,22 +246,37 @@ def evaluate_teacher(
     on_error: str = "raise",
     ledger: SkipLedger | None = None,
     where: str = "eval",
+    shard: bool = False,
 ) -> dict[str, float]:
     """Full-ranking retrieval metrics of the teacher on a split (every text against every item).
 
     Under ``on_error="skip"`` the items that cannot be read and their captions are left out of the ranking
     and counted in ``left_out_items`` / ``left_out_texts`` (see `iter_items`).
+
+    With ``shard`` (validation while training: every process calls it) each process encodes a contiguous part of
+    the items and scores every text against them only; the score columns are gathered, so each process holds the
+    visual tokens of 1/world of the items and scores 1/world of the pairs, and every process returns the metrics of
+    the whole ranking. Each process records in its own ``ledger`` what its part leaves out (the trainer unites them).
     """
     from teachers import VisualTokens
 
     device = next(teacher.parameters()).device
-    chunks, kept = encode_items(
-        teacher.encode_visual, split, load_visual, 64, device, on_error=on_error, ledger=ledger, where=where
-    )
-    read = split if len(kept) == split.n_items else split.select_items(kept.tolist())
-    scores = teacher_score_matrix(
-        teacher, VisualTokens.cat(chunks), tokenizer, read.captions, max_length=max_length, text_batch=text_batch
-    )
+    skip = dict(on_error=on_error, ledger=ledger, where=where)
+    chunks, kept = _read_items(teacher.encode_visual, split, load_visual, 64, device, shard, **skip)
+    # Without shard, the texts of the items read; with it, every text (which items the others read is not known
+    # yet), trimmed after the gather.
+    read = _read_split(split, kept) if not shard else split
+    if chunks:
+        visual = VisualTokens.cat(chunks)
+        scores = teacher_score_matrix(teacher, visual, tokenizer, read.captions, max_length=max_length,
+                                      text_batch=text_batch)  # fmt: skip
+    else:
+        scores = torch.zeros(read.n_texts, 0)
+    if shard:
+        scores, kept = _gather(scores.T.contiguous(), device, shard).T, _gather(kept, device, shard)
+        read = _read_split(split, kept)
+        keep = set(kept.tolist())
+        scores = scores[[t for t, item in enumerate(split.text_to_visual) if item in keep]]
     return _left_out(retrieval_metrics(scores, read.text_to_visual), split, read)
 
 
@@ -238,16 +290,22 @@ def evaluate_student(
     on_error: str = "raise",
     ledger: SkipLedger | None = None,
     where: str = "eval",
+    shard: bool = False,
 ) -> dict[str, float]:
-    """Exact (brute-force dot product) retrieval metrics of the student on a split (``on_error``: see
-    `evaluate_teacher`)."""
+    """Exact (brute-force dot product) retrieval metrics of the student on a split (``on_error``, ``shard``: see
+    `evaluate_teacher`; sharded, each process encodes a part of the items and of the texts, then all are
+    gathered)."""
     device = next(student.parameters()).device
-    out, kept = encode_items(
-        student.encode_visual, split, load_visual, 128, device, on_error=on_error, ledger=ledger, where=where
-    )
-    read = split if len(kept) == split.n_items else split.select_items(kept.tolist())
-    items = torch.cat([o.float().cpu() for o in out])
-    texts = encode_texts_student(student, tokenizer, read.captions, max_length=max_length)
+    skip = dict(on_error=on_error, ledger=ledger, where=where)
+    out, kept = _read_items(student.encode_visual, split, load_visual, 128, device, shard, **skip)
+    dim = student.config.embed_dim  # an empty part still gathers as [0, E]
+    items = torch.cat([o.float().cpu() for o in out]) if out else torch.zeros(0, dim)
+    if shard:
+        items, kept = _gather(items, device, shard), _gather(kept, device, shard)
+    read = _read_split(split, kept)
+    part = _shard(read.n_texts, shard)
+    texts = encode_texts_student(student, tokenizer, read.captions[part.start : part.stop], max_length=max_length)
+    texts = _gather(texts if len(texts) else torch.zeros(0, dim), device, shard)
     return _left_out(retrieval_metrics(texts @ items.T, read.text_to_visual), split, read)
 
 

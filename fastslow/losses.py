@@ -10,11 +10,74 @@ candidates loses the small probabilities that the KL term is about).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClipLoss", "DistillLoss", "TEACHER_NORMS", "teacher_logits", "teacher_matches"]
+__all__ = [
+    "ClipLoss",
+    "DistillLoss",
+    "TEACHER_NORMS",
+    "gather_rows",
+    "process_group",
+    "teacher_logits",
+    "teacher_matches",
+]
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` when there is none (one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: Tensor, *, grad: bool = True) -> tuple[Tensor, int]:
+    """Every process's ``x`` concatenated along dim 0 in rank order, and where this process's rows start.
+
+    The cross-rank gather of open_clip's ``gather_features(local_loss=False, gather_with_grad=True)``: with
+    ``grad``, `torch.distributed.nn.functional.all_gather` carries gradients back to the process that computed
+    each row (its backward sums every process's gradient for our rows). Every process then computes the loss over
+    the global batch, the same value, and the data-parallel average of the gradients (DDP / DeepSpeed) is the
+    gradient of that global loss: training does not change with the number of GPUs. Without ``grad`` (teacher
+    scores, masks, ids), a plain `all_gather`.
+
+    Ranks may hold different numbers of rows (samples dropped under data.on_error=skip): the sizes are gathered
+    first and every part padded to the largest, then trimmed. A collective: every process must call it.
+
+    Args:
+        x: [B, ...] this process's rows (bool is gathered as uint8: gloo has no bool all_gather).
+
+    Returns:
+        ``(x_all [sum_r B_r, ...], offset)`` with ``x_all[offset : offset + B] == x``; ``(x, 0)`` on one process.
+    """
+    rank, world = process_group()
+    if world == 1:
+        return x, 0
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    is_bool = x.dtype == torch.bool
+    part = x.to(torch.uint8) if is_bool else x
+    if part.shape[0] < max(sizes):
+        part = torch.cat([part, part.new_zeros(max(sizes) - part.shape[0], *part.shape[1:])])
+    if grad:
+        with warnings.catch_warnings():
+            # torch >= 2.10 marks it deprecated for the private _functional_collectives; it is the public
+            # autograd-aware gather (gloo included: its backward sums through all-to-all), once per step.
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = list(dist_nn.all_gather(part))
+    else:
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+    out = torch.cat([p[:size] for p, size in zip(parts, sizes)])
+    return (out.bool() if is_bool else out), sum(sizes[:rank])
 
 
 def _as_scale(logit_scale: Tensor | float, like: Tensor) -> Tensor:
@@ -51,7 +114,7 @@ class ClipLoss(nn.Module):
     The loss is the mean of the two directions. Without repeats (or without `item_index`) this is exactly
     the CLIP loss: mean of CE(logits, arange) and CE(logits.T, arange).
 
-    The batch is the local one; gather embeddings across ranks before calling for global negatives.
+    The batch is the one given: gather embeddings across ranks first (`gather_rows`) for global negatives.
 
     Args:
         weight: multiplies the returned loss.

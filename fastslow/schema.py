@@ -77,6 +77,12 @@ class DataConfig:
     on_error: OnError = MISSING
     max_length: int = key(ge=3)  # BOS + at least one token + EOS
     max_captions: int | None = key(ge=1)
+    # val / test only: the first N captions of each item in file order, applied after max_captions. The standard
+    # protocols score 5 per image (COCO 5k test: 25,000 captions; the file holds 25,010, some images having 6 or 7).
+    eval_captions: int | None = key(None, ge=1)
+    # video datasets: a JSON {"val": [...], "test": [...], "train"?: [...]} of videoIDs (the published lists of the
+    # common VATEX retrieval split, so figures compare with papers); null: the official val file cut in its order.
+    split_file: str | None = None
     num_workers: int = key(ge=0)
     # image datasets (shapes, karpathy)
     ann_file: str | None = None  # the Karpathy split file
@@ -157,6 +163,10 @@ class LossConfig:
     listwise_k: int = key(ge=1)
     mine_every: int = key(ge=1)
     listwise_fresh_positive: bool = MISSING
+    # Several processes: InfoNCE and the in-batch KL over every process's rows (gathered with gradients), so the
+    # loss and its gradient are those of one process given the global batch. true by default: the figures then do
+    # not change with the GPU count; on one process it does nothing.
+    gather: bool = True
 
 
 @dataclass
@@ -202,6 +212,9 @@ class EvalConfig:
     split: Split = MISSING
     k: list[int] = key(ge=1)  # every depth >= 1, at least one
     max_gallery: int = key(ge=0)
+    # Validation during training on a fixed sample of this many val items (all their captions; the same items in
+    # every run): the teacher ranks every val pair, 125M for COCO's 5k val. null: every val item.
+    val_items: int | None = key(None, ge=1)
     text_batch: int = key(ge=1)
     latency_queries: int = key(ge=1)
 

@@ -28,6 +28,7 @@ from fastslow.data import (
     gather_ledger,
     load_karpathy,
     load_vatex,
+    read_split_file,
     read_vatex_ids,
     reason_of,
     report_skipped,
@@ -172,17 +173,26 @@ def load_split(cfg: DictConfig, split: str, ledger: SkipLedger | None = None) ->
     items later record what fails while reading.
     """
     d = cfg.data
+    # The standard protocols score a fixed number of captions per val / test item: the first ones in file order
+    # (COCO 5k test: 5 per image, 25,000, where the file holds 25,010). The captions left out are counted and printed.
+    cap = d.max_captions
+    if split != "train" and d.eval_captions is not None:
+        cap = d.eval_captions if cap is None else min(cap, d.eval_captions)
     if d.dataset in IMAGE_DATASETS:
-        out = load_karpathy(d.ann_file, d.image_dir, split, on_error=d.on_error, max_captions=d.max_captions)
-    elif split == "train":
-        out = load_vatex(d.ann_train, d.feature_dir, on_error=d.on_error, max_captions=d.max_captions)
+        out = load_karpathy(d.ann_file, d.image_dir, split, on_error=d.on_error, max_captions=cap)
     else:
-        ids = vatex_retrieval_split(read_vatex_ids(d.ann_val), n_val=d.n_val)[split]
-        out = load_vatex(d.ann_val, d.feature_dir, on_error=d.on_error, select=ids, max_captions=d.max_captions)
+        ann = d.ann_train if split == "train" else d.ann_val
+        out = load_vatex(ann, d.feature_dir, on_error=d.on_error, select=vatex_ids(cfg, split), max_captions=cap)
     if d.dataset in VIDEO_DATASETS:
         # load_vatex names a split after its file, so val and test would both be "vatex/validation" (in the
         # manifest, the eval table and fuse_alpha.json); name them after the recipe's dataset and split instead.
         out = dataclasses.replace(out, name=f"{d.dataset}/{split}")
+    if out.dropped_captions and is_main():
+        print(
+            f"{out.name}: {out.n_texts} captions, the first {cap} of each item in file order; "
+            f"{out.dropped_captions} further captions left out (data.max_captions / data.eval_captions)",
+            flush=True,
+        )
     if out.skipped and is_main():
         total = out.n_items + len(out.skipped)
         print(
@@ -193,6 +203,20 @@ def load_split(cfg: DictConfig, split: str, ledger: SkipLedger | None = None) ->
     if ledger is not None:
         ledger.add_split(out)
     return out
+
+
+def vatex_ids(cfg: DictConfig, split: str) -> list[str] | None:
+    """The videoIDs of one split of a video dataset, in order: from `data.split_file` when it is set (the published
+    lists; a train list is optional), else the fallback: every training video, and the official validation file cut
+    in its own order (`vatex_retrieval_split`, `data.n_val`). None: every video of the training file."""
+    d = cfg.data
+    if d.split_file is not None:
+        # The whole file is checked whichever split is asked for, so that every stage refuses the same bad file.
+        lists = read_split_file(d.split_file, val_ids=read_vatex_ids(d.ann_val), train_ids=read_vatex_ids(d.ann_train))
+        return lists.get(split)
+    if split == "train":
+        return None
+    return vatex_retrieval_split(read_vatex_ids(d.ann_val), n_val=d.n_val)[split]
 
 
 def drop_unread(
@@ -437,10 +461,18 @@ def prepare_training(
     cfg: DictConfig, accelerator, ledger: SkipLedger | None = None
 ) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer, Any]:
     """What both training stages start from: the config shown, the data in place, the train and val
-    splits (their load-time drops recorded in `ledger`), the run's tokenizer and the item loader."""
+    splits (their load-time drops recorded in `ledger`; val cut to `eval.val_items` items, a fixed sample), the
+    run's tokenizer and the item loader."""
     print_config(cfg, accelerator)
     ensure_shapes(cfg, accelerator)
-    train, val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
+    train, full_val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
+    val = full_val.sample_items(cfg.eval.val_items)
+    if val is not full_val and (accelerator is None or accelerator.is_main_process):
+        print(
+            f"{full_val.name}: validating on a fixed sample of {val.n_items} of {full_val.n_items} items "
+            f"({val.n_texts} of {full_val.n_texts} captions; eval.val_items={cfg.eval.val_items})",
+            flush=True,
+        )
     return train, val, get_tokenizer(cfg, train, accelerator), visual_loader(cfg)
 
 

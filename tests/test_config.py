@@ -137,6 +137,10 @@ ISSUE_13_BAD = [
     ("data.image_size=null", "reads data.image_size"),
     ("eval.k=null", "cannot be null"),
     ("teacher_train.resume=/no/such/ckpt", "no such checkpoint"),
+    ("data.eval_captions=0", ">= 1"),
+    ("data.split_file=/data/split.json", "does not read it"),  # shapes is an image dataset
+    ("loss.gather=maybe", "bool"),
+    ("eval.val_items=0", ">= 1"),
 ]
 
 

@@ -288,3 +288,111 @@ def test_vatex_retrieval_split_rule(tmp_path):
     assert halves == {"val": ["Ptf_2VRj-V0_000122_000132"], "test": ["abc_000001_000011", "xyz_000005_000015"]}
     test = load_vatex(ann, tmp_path / "features", select=halves["test"], on_error="skip")
     assert test.item_ids == halves["test"]
+
+
+# ------------------------------------------------------------------------------------- standard protocols
+
+
+def _recipe(name: str, root, *overrides: str):
+    from fastslow.config import load_recipe
+
+    return load_recipe([f"recipe={name}", f"data.root={root}", *overrides])
+
+
+def test_coco_test_keeps_the_first_five_captions_per_image(tmp_path, capsys):
+    """COCO 5k test is 25,000 captions, 5 per image, where the file holds 25,010: the first 5 in file order are kept
+    (an image with 6 or 7 loses its last ones), the count left out is printed, and train keeps every caption."""
+    from fastslow import stages
+
+    ann = write_coco(tmp_path)
+    data = json.loads(open(ann).read())
+    data["images"][2]["split"] = "test"  # a second test image, with 5 captions; the other test image has 7
+    data["images"][2]["sentences"].append(sentence("coco 2 5"))  # now 6
+    open(ann, "w").write(json.dumps(data))
+    cfg = _recipe("coco", tmp_path, f"data.image_dir={tmp_path / 'coco'}")
+    capsys.readouterr()
+    test = stages.load_split(cfg, "test")
+    assert test.n_items == 2 and test.n_texts == 10 and test.text_to_visual == [0] * 5 + [1] * 5
+    assert test.captions == [f"coco 2 {j}" for j in range(5)] + [f"coco 3 {j}" for j in range(5)]
+    assert test.dropped_captions == 1 + 2
+    assert "3 further captions left out" in capsys.readouterr().out
+    assert stages.load_split(cfg, "train").n_texts == 5 + 6 + 5  # training keeps them all
+    assert stages.load_split(_recipe("coco", tmp_path, f"data.image_dir={tmp_path / 'coco'}",
+                                     "data.eval_captions=null"), "test").n_texts == 13  # fmt: skip
+
+
+def test_flickr_test_is_five_captions_per_image(tmp_path):
+    from fastslow import stages
+
+    ann = write_flickr(tmp_path, n_captions=6)
+    cfg = _recipe("flickr", tmp_path, f"data.image_dir={tmp_path / 'images'}", f"data.ann_file={ann}")
+    for split in ("val", "test"):
+        s = stages.load_split(cfg, split)
+        assert s.n_texts == 5 * s.n_items and s.dropped_captions == s.n_items
+    assert stages.load_split(cfg, "train").n_texts == 6 * 3
+
+
+def _vatex_run(tmp_path, lists=None, *overrides):
+    """A VATEX layout (training + validation files, features) and the recipe over it; ``lists``: the split file."""
+    val_ids = [f"val{i}_000000_000010" for i in range(6)]
+    write_vatex(tmp_path, {v: (4, 8) for v in val_ids})
+    write_vatex(tmp_path, {"trn0_000000_000010": (4, 8), "trn1_000000_000010": (4, 8)}, "vatex_training_v1.0.json")
+    args = ["data.n_val=2", *overrides]
+    if lists is not None:
+        path = tmp_path / "split.json"
+        path.write_text(lists if isinstance(lists, str) else json.dumps(lists))
+        args.append(f"data.split_file={path}")
+    return _recipe("vatex", tmp_path, *args), val_ids
+
+
+def test_vatex_split_file_gives_val_and_test_in_its_order(tmp_path):
+    from fastslow import stages
+
+    cfg, ids = _vatex_run(tmp_path, {"val": [ids_ := f"val{5}_000000_000010", "val0_000000_000010"],
+                                     "test": ["val3_000000_000010", "val1_000000_000010"]})  # fmt: skip
+    assert stages.load_split(cfg, "val").item_ids == [ids_, "val0_000000_000010"]
+    test = stages.load_split(cfg, "test")
+    assert test.name == "vatex/test" and test.item_ids == ["val3_000000_000010", "val1_000000_000010"]
+    assert test.captions[0] == "video 3 caption 0"
+    assert stages.load_split(cfg, "train").item_ids == ["trn0_000000_000010", "trn1_000000_000010"]
+    # A train list, when given, selects the training videos too.
+    cfg, _ = _vatex_run(tmp_path, {"val": [ids[0]], "test": [ids[1]], "train": ["trn1_000000_000010"]})
+    assert stages.load_split(cfg, "train").item_ids == ["trn1_000000_000010"]
+    # The documented fallback: the official validation file cut in its own order (data.n_val first videos val).
+    cfg, ids = _vatex_run(tmp_path)
+    assert stages.load_split(cfg, "val").item_ids == ids[:2] and stages.load_split(cfg, "test").item_ids == ids[2:]
+
+
+@pytest.mark.parametrize(
+    "lists, error, needles",
+    [
+        (None, "missing", ["split file not found", "data.split_file"]),
+        ({"val": ["val0_000000_000010"], "test": ["nope_1", "val1_000000_000010", "nope_2"]}, DataError,
+         ['2 of the 3 "test" videoIDs are not in the official validation', "nope_1, nope_2"]),
+        ({"val": ["val0_000000_000010"], "test": ["trn0_000000_000010"]}, DataError, ["trn0_000000_000010"]),
+        ({"val": ["val0_000000_000010"], "test": ["val1_000000_000010"], "train": ["val2_000000_000010"]}, DataError,
+         ['"train" videoIDs are not in the official training', "val2_000000_000010"]),
+        ({"val": ["val0_000000_000010"], "test": ["val0_000000_000010"]}, DataError,
+         ["val0_000000_000010 (also in val)"]),
+        ({"val": ["val0_000000_000010", "val0_000000_000010"], "test": ["val1_000000_000010"]}, DataError,
+         ["twice"]),
+        ({"val": ["val0_000000_000010"]}, DataError, ["expected val and test lists"]),
+        ({"val": ["val0_000000_000010"], "test": [], "tset": []}, DataError, ["unknown keys ['tset']"]),
+        ({"val": ["val0_000000_000010"], "test": [3]}, DataError, ['"test" is not a non-empty list']),
+        ("{not json", DataError, ["not valid JSON"]),
+    ],
+)  # fmt: skip
+def test_bad_split_file_is_refused_naming_the_file_and_ids(tmp_path, lists, error, needles):
+    from fastslow import stages
+    from fastslow.errors import MissingFileError
+
+    cfg, _ = _vatex_run(tmp_path, {"val": [], "test": []} if lists is None else lists)
+    split_file = str(tmp_path / "split.json")
+    if lists is None:
+        os.remove(split_file)
+        error = MissingFileError
+    for split in ("val", "test", "train"):
+        with pytest.raises(error) as info:
+            stages.load_split(cfg, split)
+        message = str(info.value)
+        assert split_file in message and all(n in message for n in needles), message

@@ -627,3 +627,124 @@ def test_swap_negatives_are_scored_by_the_teacher_against_the_captions_own_item(
     assert objective(dict(out))["swap_distill_loss"].abs() < 1e-5
     out["swap_teacher"] = -s / 0.1
     assert objective(dict(out))["swap_distill_loss"] > 1e-3
+
+
+# ------------------------------------------------------------------------- several processes (loss.gather)
+
+GATHER_N, GATHER_WORLD = 8, 2  # a global batch of 8 pairs, 4 per process
+# Items repeat within a process (1) and across processes (0, 3): multi-positives a per-process loss cannot see.
+GATHER_ITEMS = [0, 1, 1, 3, 3, 4, 0, 5]
+
+
+class FormulaScorer:
+    """The teacher's place: a fixed, uneven score per (text, item) pair, so that targets differ row by row."""
+
+    def __call__(self, text_idx, item_idx):
+        t, i = torch.as_tensor(text_idx).float(), torch.as_tensor(item_idx).float()
+        return -((t * 7 + i * 3) % 11) / 3
+
+    def block(self, text_idx, item_idx):
+        return self(torch.as_tensor(text_idx)[:, None], torch.as_tensor(item_idx)[None, :])
+
+
+class PairGroups:
+    """Group mode's composer for a fixed batch: consecutive pairs form a group (neighbours are the batch's own)."""
+
+    def compose(self, batch, step):
+        return batch, torch.arange(len(batch["item_index"])) // 2
+
+
+def _gather_case(gather: bool, mode: str = "inbatch"):
+    """The same student, global batch, batcher and objective in every process (seeded, CPU-deterministic)."""
+    torch.manual_seed(0)
+    # eval(): no dropout, and normalisation layers on running statistics, so a row's embedding does not depend on
+    # which process computed it (per-process batch statistics are another matter: SyncBatchNorm, not this test's).
+    model = create_student("dual_encoder_tiny", vocab_size=40, max_length=12, image_size=IMAGE_SIZE).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([12, 9, 5, 7, 12, 3, 8, 10])
+    batch = {
+        "pixels": torch.randn(GATHER_N, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+        "input_ids": torch.randint(4, 40, (GATHER_N, 12), generator=g),
+        "attention_mask": (torch.arange(12)[None, :] < lengths[:, None]).long(),
+        "item_index": torch.tensor(GATHER_ITEMS),
+        "text_index": torch.arange(GATHER_N),
+    }
+    composer = PairGroups() if mode == "group" else None
+    batcher = DistillBatcher(mode, FormulaScorer(), composer=composer, gather=gather)
+    objective = DistillObjective(model, teacher_norm="sum", student_temperature=0.05, denoise_margin=0.5,
+                                 margin_mse_weight=0.5, gather=gather)  # fmt: skip
+    return model, batch, batcher, objective
+
+
+def _step(model, batch, batcher, objective) -> dict[str, torch.Tensor]:
+    """One forward and backward: the loss parts and every gradient, averaged over processes as DDP/DeepSpeed do."""
+    out = objective(batcher(batch, step=0))
+    out["loss"].backward()
+    result = {f"out.{k}": v.detach().reshape(()) for k, v in out.items()}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.clone()
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(grad)
+                grad /= torch.distributed.get_world_size()
+            result[f"grad.{name}"] = grad
+    return result
+
+
+def _gather_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One process of a 2-process run on its half of the global batch (module level, so that spawn can import it)."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        b = GATHER_N // world
+        for gather, mode in ((True, "inbatch"), (False, "inbatch"), (True, "group"), (False, "group")):
+            model, batch, batcher, objective = _gather_case(gather, mode)
+            own = {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
+            save_file(_step(model, own, batcher, objective), os.path.join(out_dir, f"{mode}_{gather}_{rank}.st"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    # The floor: a gradient that is zero in exact arithmetic (attention's key bias: softmax ignores a shift) is
+    # float noise on both sides, ~1e-9, whose ratio means nothing.
+    return float((a - b).norm() / b.norm().clamp(min=1e-4))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gather")
+    torch.multiprocessing.spawn(_gather_rank, args=(GATHER_WORLD, str(out / "init"), str(out)), nprocs=GATHER_WORLD)
+    return lambda mode, gather, rank: load_file(str(out / f"{mode}_{gather}_{rank}.st"))
+
+
+@pytest.mark.slow
+def test_two_processes_with_gather_give_the_loss_and_gradients_of_one_process(two_processes):
+    """loss.gather: 2 processes (gloo, CPU) on halves of a global batch compute, on each process, the loss one
+    process computes on the whole batch (InfoNCE, in-batch KL, margin-MSE, denoising), and the gradients averaged
+    over the processes are its gradients; without the gather, negatives are per process and the loss differs."""
+    one = _step(*_gather_case(gather=True))  # no process group here: the gather does nothing
+    assert one["out.denoised_negatives"] > 0  # the teacher-rated exclusions are part of what is compared
+    grads = sorted(k for k in one if k.startswith("grad."))
+    assert len(grads) > 10 and sum(float(one[k].norm()) > 1e-3 for k in grads) > len(grads) / 2  # floor aside
+    for rank in range(GATHER_WORLD):
+        two = two_processes("inbatch", True, rank)
+        assert sorted(k for k in two if k.startswith("grad.")) == grads
+        # Equal up to float32 summation order (the towers ran on batches of 4, not 8): 1e-4 of each tensor's norm.
+        errors = {key: _relative_error(two[key], one[key]) for key in one}
+        assert max(errors.values()) < 1e-4, {k: e for k, e in errors.items() if e >= 1e-4}
+    per_process = [two_processes("inbatch", False, rank) for rank in range(GATHER_WORLD)]
+    assert all(_relative_error(r["out.loss"], one["out.loss"]) > 1e-2 for r in per_process)
+    assert max(_relative_error(per_process[0][k], one[k]) for k in grads) > 1e-2
+
+
+@pytest.mark.slow
+def test_group_targets_under_gather_stay_within_each_processs_groups(two_processes):
+    """Group mode's candidates are a group's own rows: gathered, its KL is the mean of the per-process ones (each
+    process's rows see only their own block of the global columns), while InfoNCE gains the other processes'."""
+    gathered = [two_processes("group", True, rank) for rank in range(GATHER_WORLD)]
+    local = [two_processes("group", False, rank) for rank in range(GATHER_WORLD)]
+    mean_local = sum(r["out.inbatch_distill_loss"] for r in local) / GATHER_WORLD
+    for r in gathered:
+        assert _relative_error(r["out.inbatch_distill_loss"], mean_local) < 1e-5
+    assert _relative_error(gathered[0]["out.contrastive_loss"], local[0]["out.contrastive_loss"]) > 1e-2

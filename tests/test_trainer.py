@@ -403,3 +403,78 @@ def test_deepspeed_resume_is_bit_identical(tmp_path):
     assert same(
         load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     )
+
+
+# ------------------------------------------------------------------------------ skip counts over processes
+
+BAD_EVERY = 7  # sample i is unreadable when i % 7 == 3 (6 of the 40), under two reasons
+
+
+class SkippyData(ToyData):
+    """ToyData whose every 7th sample could not be read (what PairDataset returns under data.on_error=skip)."""
+
+    def __getitem__(self, i):
+        if i % BAD_EVERY == 3:
+            return {"skipped": (f"/data/bad_{i}.jpg", "truncated image" if i % 2 else "missing file")}
+        return super().__getitem__(i)
+
+
+def skip_collate(samples):
+    kept = [s for s in samples if "skipped" not in s]
+    batch = collate(kept) if kept else {"item_index": torch.zeros(0, dtype=torch.long)}
+    batch["skipped"], batch["empty"] = [s["skipped"] for s in samples if "skipped" in s], not kept
+    return batch
+
+
+def run_skippy(out_dir, batch_size, steps=4):
+    torch.manual_seed(0)
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=1, save_every=steps, log_every=2)
+    trainer = Trainer(ToyModule(), SkippyData(), collate_fn=skip_collate, out_dir=out_dir, cfg=cfg, seed=3,
+                      accelerator=make_accelerator(out_dir, log=False))  # fmt: skip
+    return trainer.train()
+
+
+SKIP_SCRIPT = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+from test_trainer import run_skippy
+
+run_skippy(Path(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_skip_counts_are_summed_over_processes(tmp_path):
+    """2 processes (accelerate launch, DeepSpeed ZeRO-2 over gloo) on halves of each global batch count, in the
+    saved state and the run's list of files, every sample either process dropped: what 1 process counts on the
+    same global batches."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "skippy.py"
+    script.write_text(SKIP_SCRIPT.format(tests=str(ROOT / "tests")))
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
+    launcher += [str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", str(script), str(tmp_path / "two"), "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(launcher, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = run_skippy(tmp_path / "one", 8)  # 1 process, global batches of 8: the same samples in the same steps
+
+    # What the 4 global batches hold (no local batch is all bad here, so no process reads an extra one).
+    consumed = [i for batch in EpochBatches(40, 8, seed=3).epoch(0)[:4] for i in batch]
+    halves = [EpochBatches(40, 4, seed=3, rank=r, world=2).epoch(0)[:4] for r in range(2)]
+    assert sorted(i for h in halves for b in h for i in b) == sorted(consumed)
+    assert all(any(i % BAD_EVERY != 3 for i in b) for h in halves for b in h)
+    bad = [i for i in consumed if i % BAD_EVERY == 3]
+    assert bad and all(any(i in b for b in halves[r] for i in bad) for r in range(2))  # both processes drop some
+    expected = {}
+    for i in bad:
+        reason = "truncated image" if i % 2 else "missing file"
+        expected[reason] = expected.get(reason, 0) + 1
+
+    assert one.skipped == expected
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert state["skipped"] == expected
+    listed = json.loads((tmp_path / "two" / "skipped_files.json").read_text())["files"]
+    assert sorted(f["path"] for f in listed) == sorted(f"/data/bad_{i}.jpg" for i in bad)
+    assert "summed over 2 processes" in proc.stdout

@@ -105,6 +105,8 @@ def main(argv=None) -> None:
                 "split": split.name,
                 "item_paths": split.item_paths,
                 "skipped": skipped,  # gallery items left out under data.on_error=skip: id, path, reason
+                # captions beyond data.max_captions / data.eval_captions per item (COCO 5k test: 10 of 25,010)
+                "dropped_captions": split.dropped_captions,
                 **visual,
             },
         )

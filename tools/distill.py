@@ -140,6 +140,7 @@ def main(argv=None) -> None:
             swappable=swappable,
             seed=cfg.seed,
             rank=acc.process_index,
+            gather=cfg.loss.gather,
         )
 
     objective = DistillObjective(
@@ -154,10 +155,12 @@ def main(argv=None) -> None:
         denoise_margin=cfg.loss.denoise_margin,
         margin_mse_weight=cfg.loss.margin_mse_weight,
         swap_weight=cfg.loss.swap_weight,
+        gather=cfg.loss.gather,
     )
 
     def validate(obj):
-        kw = dict(max_length=cfg.data.max_length, on_error=on_error, ledger=ledger, where="val")
+        # Every process validates its part of the val items and texts (the trainer calls this on each); gathered.
+        kw = dict(max_length=cfg.data.max_length, on_error=on_error, ledger=ledger, where="val", shard=True)
         return evaluate_student(obj.model, val, load_visual, tok, **kw)
 
     run_files = stages.run_files(out, student)  # config.yaml (and a pretrained text tower's text_config.json)

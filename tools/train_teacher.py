@@ -62,6 +62,7 @@ def main(argv=None) -> None:
             on_error=cfg.data.on_error,
             ledger=ledger,
             where="val",
+            shard=True,  # every process (the trainer calls this on each) scores its part of the items; gathered
         )
 
     if acc.is_main_process:

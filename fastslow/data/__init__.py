@@ -25,7 +25,7 @@ from fastslow.data.loaders import (
     to_rgb,
 )
 from fastslow.data.skips import SKIP_FILE, SkipLedger, captions_per_path, gather_ledger, reason_of
-from fastslow.data.vatex import VATEX_N_VAL, load_vatex, read_vatex_ids, vatex_retrieval_split
+from fastslow.data.vatex import VATEX_N_VAL, load_vatex, read_split_file, read_vatex_ids, vatex_retrieval_split
 from fastslow.errors import DataError
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "VATEX_N_VAL",
     "load_vatex",
     "read_vatex_ids",
+    "read_split_file",
     "vatex_retrieval_split",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",

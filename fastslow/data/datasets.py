@@ -66,6 +66,8 @@ class RetrievalSplit:
         skipped: ``(path, reason)`` of the items dropped at load time under ``on_error="skip"``.
         skipped_captions: path -> number of captions each of those items had (the pairs the split lost), so
             that a run's `SkipLedger` can count caption samples for files that never reach a dataset.
+        dropped_captions: captions of the kept items left out by a per-item cap (``max_captions``; the standard
+            5-per-image protocol of COCO's 5k test), counted so that the log and the index manifest can say so.
     """
 
     name: str
@@ -76,6 +78,7 @@ class RetrievalSplit:
     text_to_visual: list[int]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     skipped_captions: dict[str, int] = field(default_factory=dict)
+    dropped_captions: int = 0
 
     def __post_init__(self) -> None:
         # Catch a hand-built split that is inconsistent here rather than as an index error mid-epoch.
@@ -131,7 +134,26 @@ class RetrievalSplit:
             [new_index[self.text_to_visual[t]] for t in texts],
             list(self.skipped),
             dict(self.skipped_captions),
+            self.dropped_captions,
         )
+
+    def sample_items(self, n: int | None, seed: int = 0) -> RetrievalSplit:
+        """A fixed sample of ``n`` items with all their captions, in split order (``eval.val_items``: validation on a
+        capped part of a large val split, the same items at every validation and in every run of the split).
+
+        Args:
+            n: items kept; None, or at least `n_items`, keeps the split as it is.
+            seed: which sample (a torch.Generator seed; a constant by default, so runs compare).
+
+        Returns:
+            ``select_items`` of ``n`` items drawn without replacement, sorted.
+        """
+        if n is None or n >= self.n_items:
+            return self
+        if n < 1:
+            raise ValueError(f"RetrievalSplit {self.name!r}: sample_items needs n >= 1, got {n}")
+        drawn = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(seed))[:n]
+        return self.select_items(sorted(drawn.tolist()))
 
 
 @dataclass
@@ -163,10 +185,11 @@ def _assemble_split(
         ann_file: the annotation file (for messages).
         folder: the image / feature folder (for messages).
         on_error: ``"raise"`` or ``"skip"``.
-        max_captions: keep at most this many captions per item (the first ones), or all when None.
+        max_captions: keep at most this many captions per item (the first ones in file order), or all when None.
 
     Returns:
-        The split, with dropped items listed in ``skipped`` under ``on_error="skip"``.
+        The split, with dropped items listed in ``skipped`` under ``on_error="skip"`` and the number of captions the
+        cap left out in ``dropped_captions``.
     """
     check_on_error(on_error)
     if max_captions is not None and max_captions < 1:
@@ -199,6 +222,7 @@ def _assemble_split(
     skipped_captions = {e.path: len(e.captions if max_captions is None else e.captions[:max_captions]) for e in missing}
     dropped = {id(e) for e in no_captions} | {id(e) for e in missing}
     item_ids, item_paths, captions, text_to_visual = [], [], [], []
+    capped = 0
     for entry in entries:
         if id(entry) in dropped:
             continue
@@ -208,7 +232,10 @@ def _assemble_split(
         kept = entry.captions if max_captions is None else entry.captions[:max_captions]
         captions.extend(kept)
         text_to_visual.extend([index] * len(kept))
-    return RetrievalSplit(name, modality, item_ids, item_paths, captions, text_to_visual, skipped, skipped_captions)
+        capped += len(entry.captions) - len(kept)
+    return RetrievalSplit(
+        name, modality, item_ids, item_paths, captions, text_to_visual, skipped, skipped_captions, capped
+    )
 
 
 def _load_or_skip(load_visual: Callable[[str], Any], path: str, on_error: str) -> tuple[Any, dict | None]:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from fastslow.data.datasets import RetrievalSplit, _assemble_split, _Entry, check_on_error
 from fastslow.data.karpathy import _field, _read_json
-from fastslow.errors import DataError
+from fastslow.errors import DataError, MissingFileError
 
-__all__ = ["load_vatex", "read_vatex_ids", "vatex_retrieval_split", "VATEX_N_VAL"]
+__all__ = ["load_vatex", "read_vatex_ids", "read_split_file", "vatex_retrieval_split", "VATEX_N_VAL"]
 
 # The retrieval protocol used since HGR / "Support-set bottlenecks": train on the 25,991 training videos,
 # cut the 3,000 official validation videos into 1,500 for validation and 1,500 for testing.
@@ -151,3 +152,87 @@ def vatex_retrieval_split(val_ids: Sequence[str], n_val: int = VATEX_N_VAL) -> d
             f"vatex_retrieval_split: n_val={n_val} must be between 1 and {len(val_ids) - 1} for {len(val_ids)} ids"
         )
     return {"val": val_ids[:n_val], "test": val_ids[n_val:]}
+
+
+_SPLIT_FILE_FORMAT = (
+    'a JSON object {"val": [videoID, ...], "test": [videoID, ...], "train": [...] (optional)}, e.g. made from the '
+    "published lists of the common retrieval split (one videoID per line) with "
+    "python -c \"import json; r=lambda f: open(f).read().split(); json.dump({'val': r('val_list.txt'), "
+    "'test': r('test_list.txt')}, open('split.json', 'w'))\""
+)
+
+
+def read_split_file(
+    split_file: str | os.PathLike, *, val_ids: Sequence[str], train_ids: Sequence[str] | None = None
+) -> dict[str, list[str]]:
+    """Read a user-given retrieval split of VATEX (recipe key ``data.split_file``), checked against the annotations.
+
+    Published VATEX retrieval numbers use fixed lists of 1,500 val and 1,500 test videos drawn from the official
+    validation file (HGR, CLIP4Clip, ...); `vatex_retrieval_split`'s cut in file order is only the fallback when no
+    list is given, and its figures are not comparable with those papers.
+
+    Args:
+        split_file: ``{"val": [...], "test": [...]}`` and optionally ``"train": [...]`` (videoIDs).
+        val_ids: the videoIDs of the official validation file (`read_vatex_ids`), where val and test must come from.
+        train_ids: the videoIDs of the official training file, checked only when the file has a ``"train"`` list.
+
+    Returns:
+        ``{"val": [...], "test": [...]}`` (plus ``"train"`` when given), each in the split file's order.
+
+    Raises:
+        MissingFileError: ``split_file`` does not exist.
+        DataError: not JSON or not of that format, a videoID listed twice or in two splits, or videoIDs absent
+            from the annotation file they must come from (the message names the file, how many and the first ones).
+    """
+    split_file = os.path.abspath(split_file)
+    if not os.path.isfile(split_file):
+        raise MissingFileError(
+            f"file {split_file}: split file not found (data.split_file); it should be {_SPLIT_FILE_FORMAT}, or set "
+            "data.split_file=null for the cut in file order"
+        )
+    data = _read_json(split_file, _SPLIT_FILE_FORMAT)
+    wanted = ("val", "test") + (("train",) if isinstance(data, dict) and "train" in data else ())
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("val", "test")):
+        raise DataError.for_file(split_file, "expected val and test lists", f"write {_SPLIT_FILE_FORMAT}",
+                                 reason="malformed split file")  # fmt: skip
+    unknown_keys = sorted(set(data) - {"val", "test", "train"})
+    if unknown_keys:
+        raise DataError.for_file(split_file, f"unknown keys {unknown_keys}", f"write {_SPLIT_FILE_FORMAT}",
+                                 reason="malformed split file")  # fmt: skip
+    out: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}  # videoID -> the split that lists it first
+    for name in wanted:
+        ids = data[name]
+        if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids) or not ids:
+            raise DataError.for_file(split_file, f'"{name}" is not a non-empty list of videoID strings',
+                                     f"write {_SPLIT_FILE_FORMAT}", reason="malformed split file")  # fmt: skip
+        # An id in two lists would put a test video in val or train: the figures would then be meaningless.
+        repeated = [v for v, n in Counter(ids).items() if n > 1]
+        shared = [f"{v} (also in {seen[v]})" for v in dict.fromkeys(ids) if v in seen]
+        if repeated or shared:
+            raise DataError.for_file(
+                split_file,
+                f'"{name}" lists {len(repeated)} videoIDs twice and {len(shared)} of another split, e.g. '
+                + ", ".join((repeated + shared)[:3]),
+                "list each video once, in one split",
+                reason="malformed split file",
+            )
+        seen.update({v: name for v in ids})
+        out[name] = list(ids)
+
+    for name, source, known in (("val", "validation", val_ids), ("test", "validation", val_ids),
+                                ("train", "training", train_ids)):  # fmt: skip
+        if name not in out or known is None:
+            continue
+        known = set(known)
+        absent = [v for v in out[name] if v not in known]
+        if absent:
+            raise DataError.for_file(
+                split_file,
+                f'{len(absent)} of the {len(out[name])} "{name}" videoIDs are not in the official {source} '
+                f"annotation file (data.ann_{'train' if name == 'train' else 'val'}), e.g. {', '.join(absent[:5])}",
+                f"use the split lists that go with these annotation files (val and test are drawn from the official "
+                f"validation videos), or set data.split_file=null for the cut in file order",
+                reason="unknown videoID",
+            )
+    return out
