@@ -264,3 +264,35 @@ def test_a_teacher_that_helps_keeps_its_weight_and_min_gain_is_the_bar():
     assert best > 0.0 and r1[best] > r1[0.0]
     # A bar at the gain the teacher brings turns it off: it must beat the student alone by more.
     assert tune_alpha(student, ids, teacher, positives, min_gain=r1[best] - r1[0.0])[0] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+@pytest.mark.slow
+def test_query_scaling_benchmark_writes_the_issue_schema(tmp_path):
+    """benchmarks/query_scaling.py on the smoke recipe at two tiny sizes: the rows hold exactly the issue's keys, and
+    slow is measured at the first size and extrapolated (and said so) at the second."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["recipe=smoke", f"output_dir={tmp_path}", "galleries=40,80", "ks=2,5", "queries=4", "warmup=1",
+            "slow_max=40", "slow_queries=2", "slow_batch_items=40", "batch=4"]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "query_scaling.py"), *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench" / "query_scaling.json").read_text())["rows"]
+    keys = {"gallery", "method", "latency_ms_p50", "latency_ms_p95", "queries_per_s_batch64", "speedup_vs_slow",
+            "slow_extrapolated", "t2v_R@1"}  # fmt: skip
+    assert all(set(r) == keys for r in rows)
+    assert {(r["gallery"], r["method"]) for r in rows} == {
+        (n, m) for n in (40, 80) for m in ("fast", "fast+slow@2", "fast+slow@5", "slow")
+    }
+    slow = {r["gallery"]: r for r in rows if r["method"] == "slow"}
+    assert slow[40]["slow_extrapolated"] is False and slow[80]["slow_extrapolated"] is True
+    assert all(r["speedup_vs_slow"] == 1.0 for r in slow.values())
+    assert all(r["t2v_R@1"] is None for r in rows)  # random weights on synthetic galleries: nothing to measure
+    assert "| gallery | index | method |" in proc.stdout and "slow (extrapolated)" in proc.stdout
