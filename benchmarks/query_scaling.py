@@ -314,20 +314,21 @@ def main() -> None:
         got, pairs = measure_gallery(retriever, n, texts, own, ks, slow_cost)
         rows += got
         pair_rates[str(n)] = {f"fast+slow@{k}": v for k, v in pairs.items()}
+        # Written after every size: a run stopped at a large size keeps the sizes it measured.
+        settings = {**{k: own[k] for k in DEFAULTS}, "recipe": cfg.recipe, "teacher": cfg.teacher.name,
+                    "student": cfg.student.name, "trained": trained, "threads": threads,
+                    "token_shape": list(token_shape), "embed_dim": dim}  # fmt: skip
+        path = atomic_write_json(
+            out / "query_scaling.json",
+            {
+                "rows": rows,
+                "indexes": indexes,
+                "rerank_pairs_per_s": pair_rates,
+                "rerank_path": path_rates,
+                "settings": settings,
+            },
+        )
 
-    settings = {**{k: own[k] for k in DEFAULTS}, "recipe": cfg.recipe, "teacher": cfg.teacher.name,
-                "student": cfg.student.name, "trained": trained, "threads": threads, "token_shape": list(token_shape),
-                "embed_dim": dim}  # fmt: skip
-    path = atomic_write_json(
-        out / "query_scaling.json",
-        {
-            "rows": rows,
-            "indexes": indexes,
-            "rerank_pairs_per_s": pair_rates,
-            "rerank_path": path_rates,
-            "settings": settings,
-        },
-    )
     print_table(rows, indexes)
     if path_rates:
         r = path_rates
