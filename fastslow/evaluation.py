@@ -347,6 +347,54 @@ class StoreTeacherScorer:
             out[s : s + len(q)] = self.teacher.score_pairs(visual, ids[q], mask[q]).float().cpu()
         return out
 
+    def gather(self, item_ids: torch.Tensor):
+        """The visual tokens of ``item_ids`` (any shape, flattened, ids >= 0) in one read of the store.
+
+        The distinct rows are read once, in increasing order (one fancy-index read of the memory map, sequential on
+        disk), and expanded to ``item_ids``'s order in memory: Q queries x k candidates cost one gather, not Q * k
+        reads, and an item that several queries retrieve is read once.
+        """
+        flat = torch.as_tensor(item_ids).reshape(-1).cpu()
+        rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        return self._visual(rows)[inverse.to(self.device)]
+
+    @torch.no_grad()
+    def candidates(self, texts: list[str], item_ids: torch.Tensor) -> torch.Tensor:
+        """The fast rerank path: scores of each query against its own candidates only, [Q, k] -> [Q, k] float32 (CPU).
+
+        The store is read once (`gather`) and the teacher's `score_candidates` shares each text's item-independent
+        work across its k candidates; ids of -1 (faiss's "no result") are not scored and get NaN. Equal to calling
+        the scorer on the flattened pairs (``tests/test_query.py`` checks the bound).
+
+        Args:
+            texts: Q query strings.
+            item_ids: [Q, k] long gallery rows (-1 = no result).
+        """
+        item_ids = torch.as_tensor(item_ids).long().cpu()
+        q, k = item_ids.shape
+        out = torch.full((q, k), float("nan"))
+        valid = item_ids >= 0
+        if not valid.any():
+            return out
+        if not hasattr(self.teacher, "score_candidates") or not valid.all():
+            # A ragged candidate list (an IVF probe that came back short): the aligned-pairs path.
+            rows = torch.arange(q).unsqueeze(1).expand_as(item_ids)
+            out[valid] = self(texts, rows[valid], item_ids[valid])
+            return out
+        ids, mask = tokenize(self.tokenizer, texts, self.max_length, self.device)
+        per_chunk = max(1, self.chunk // k)  # whole queries per teacher call: bounds memory like __call__
+        for s in range(0, q, per_chunk):
+            block = item_ids[s : s + per_chunk]
+            visual = self.gather(block)
+            out[s : s + len(block)] = (
+                self.teacher.score_candidates(
+                    visual, ids[s : s + len(block)], mask[s : s + len(block)], chunk=self.chunk
+                )
+                .float()
+                .cpu()
+            )
+        return out
+
     @torch.no_grad()
     def full(self, texts: list[str], item_chunk: int = 256) -> torch.Tensor:
         """Scores of every text against every gallery item: [len(texts), n_items] (the Slow-only baseline)."""

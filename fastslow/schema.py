@@ -205,6 +205,7 @@ class CombinerConfig:
     alpha: float | None = key(ge=0, le=1)  # teacher weight of fuse; null: tuned on val
     adaptive_margin: float | None = key(ge=0)
     adaptive_k_min: int = key(ge=1)
+    min_gain: float = key(ge=0)  # R@1 points fusion must gain on val over the student alone, else alpha = 0
 
 
 @dataclass

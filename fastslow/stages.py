@@ -85,33 +85,6 @@ def tokenizer_stamp(cfg: DictConfig) -> dict[str, Any]:
     return {"tokenizer.path": path, "tokenizer.vocab_size": None if path else int(cfg.tokenizer.vocab_size)}
 
 
-def fuse_stamp(cfg: DictConfig, student_hash: str, teacher_hash: str, val_split: str) -> dict[str, Any]:
-    """What the fusion weight tuned by rerank_eval.py depends on: both models, the split and depth it was tuned
-    at, and how the queries were cut (max_length)."""
-    return {
-        "student_hash": student_hash,
-        "teacher_hash": teacher_hash,
-        "val_split": val_split,
-        "combiner.k": int(cfg.combiner.k),
-        "data.max_length": int(cfg.data.max_length),
-    }
-
-
-def open_index(cfg: DictConfig, student_hash: str, gallery_hash: str | None = None):
-    """`${output_dir}/index`, checked: built by this student with this run's visual settings, and over the gallery
-    ``gallery_hash`` when the caller knows it (search.py has no gallery at hand: it trusts the manifest's).
-
-    Returns:
-        ``(faiss index, manifest)``.
-    """
-    from fastslow.index import load_index
-
-    expect = {"student_hash": student_hash, **visual_stamp(cfg)}
-    if gallery_hash is not None:
-        expect["gallery_hash"] = gallery_hash
-    return load_index(stage_dir(cfg, "index"), expect=expect, rebuild=rebuild_command(cfg, "build_index.py"))
-
-
 def open_gallery_tokens(cfg: DictConfig, index_manifest: dict[str, Any], teacher_hash: str):
     """The teacher's visual tokens of the indexed gallery (`${output_dir}/index/tokens`), checked against the index
     they are used with and the current teacher. The index and the tokens are two writes: a crash between them, or
@@ -122,14 +95,6 @@ def open_gallery_tokens(cfg: DictConfig, index_manifest: dict[str, Any], teacher
     return TokenStore.open(
         stage_dir(cfg, "index") / "tokens", expect=expect, rebuild=rebuild_command(cfg, "build_index.py")
     )
-
-
-def load_gallery_embeddings(cfg: DictConfig, index_manifest: dict[str, Any], student_hash: str):
-    """`${output_dir}/index/embeddings.npy` ([N, E] float32), checked: this student's, over the index's gallery."""
-    from fastslow.index import load_embeddings
-
-    expect = {"student_hash": student_hash, "gallery_hash": index_manifest["gallery_hash"], **visual_stamp(cfg)}
-    return load_embeddings(stage_dir(cfg, "index"), expect=expect, rebuild=rebuild_command(cfg, "build_index.py"))
 
 
 # ---------------------------------------------------------------- data

@@ -756,6 +756,56 @@ class Captioner(nn.Module):
         return self.log_likelihood(visual, input_ids, attention_mask, chunk=chunk).sum(1)
 
     @torch.no_grad()
+    def score_candidates(
+        self, visual: VisualTokens, input_ids: Tensor, attention_mask: Tensor, *, chunk: int = 256
+    ) -> Tensor:
+        """Teacher score of each query against its own k candidates (query time: the student's top-k).
+
+        The same scores as `score_pairs` on each text repeated k times, but a text's embedding and its layer-0
+        self-attention (which do not see the item) are computed once and shared by its k candidates, and no
+        [Q * k, L] copy of the texts is made.
+
+        Args:
+            visual: VisualTokens [Q * k], row-major: query q's candidates are rows q*k .. q*k + k - 1.
+            input_ids, attention_mask: [Q, L], one row per query.
+            chunk: pairs per decoder pass (rounded down to whole queries, at least one).
+
+        Returns:
+            [Q, k] float32 scores on the module's device. No grad; the train/eval mode is the caller's.
+        """
+        q = input_ids.shape[0]
+        if q == 0 or len(visual) % q:
+            raise ValueError(f"score_candidates needs k candidates per query: {len(visual)} items for {q} queries")
+        k = len(visual) // q
+        ids, mask, order = self._by_length(input_ids, attention_mask)
+        out = torch.empty(q, k, device=self.device)
+        per_pass = max(1, chunk // k)
+        for i in range(0, q, per_pass):
+            qi = order[i : i + per_pass]
+            rows = (qi[:, None] * k + torch.arange(k, device=qi.device)).reshape(-1)
+            vis = visual[rows.cpu()].to(self.device, self.dtype)
+            seqs, tmask = self._text_inputs(ids[qi], mask[qi])
+            memories = self._memories(vis)
+            plan = (
+                [(self.decoders[0], memories[0], list(range(len(seqs))))]
+                if len(self.decoders) == 1
+                else [(dec, mem, [d]) for d, (dec, mem) in enumerate(zip(self.decoders, memories))]
+            )
+            total = 0.0
+            for dec, mem, dirs in plan:
+                n_q, L = seqs[0][0].shape
+                x = torch.stack([dec.embed(seqs[d][0], d) for d in dirs], 1)  # [n_q, dirs, L, D], once per text
+                tgt = torch.stack([seqs[d][1] for d in dirs], 1)  # [n_q, dirs, L]
+                # Every candidate reads its query's text states: [n_q * k, dirs, L, D] (a view until the decoder).
+                x = x.unsqueeze(1).expand(n_q, k, *x.shape[1:]).reshape(n_q * k, *x.shape[1:])
+                tgt = tgt.unsqueeze(1).expand(n_q, k, *tgt.shape[1:]).reshape(n_q * k, *tgt.shape[1:])
+                tm = tmask[:, None, None].expand(n_q, k, 1, L).reshape(n_q * k, 1, L)
+                ll = self._mean_log_prob(dec, dec(x, mem), tgt, tm, self._rows())  # [n_q * k, dirs]
+                total = total + ll.sum(1)
+            out[qi] = total.view(len(qi), k)
+        return out
+
+    @torch.no_grad()
     def score(
         self,
         visual: VisualTokens,

@@ -108,6 +108,7 @@ ISSUE_13_BAD = [
     ("eval.k=[0]", ">= 1"),
     ("eval.k=[]", "empty"),
     ("combiner.k=0", ">= 1"),
+    ("combiner.min_gain=-1", ">= 0"),
     ("train.keep_last=0", ">= 1"),
     ("train.grad_accum=0", ">= 1"),
     ("train.lr=-1", "> 0"),

@@ -8,56 +8,20 @@ Needs ${output_dir}/teacher, /student and /index (tools/build_index.py). Methods
   fast_exact    the student by brute-force dot product (the index's reference)
   slow          the teacher over the whole gallery (skipped above eval.max_gallery; an estimate is printed)
   fast+slow@K   the student's top-K reranked by the teacher alone, for K in eval.k
-  fuse@K        top-K ranked by the z-normalised mix of both scores (alpha tuned on val unless combiner.alpha)
+  fuse@K        top-K ranked by the z-normalised mix of both scores (alpha tuned on val per K unless combiner.alpha;
+                0 when the teacher does not beat the student alone on val by combiner.min_gain)
   adaptive@K    fast+slow@K reranking only combiner.adaptive_k_min candidates for confident queries
 Accuracy is over every test query; the teacher scores each query's student top-max(eval.k) once and
-every k is ranked from those scores. Latency is timed by running each method itself on the first
-eval.latency_queries queries in batches of eval.text_batch (the batched query-time path), reported per
+every k is ranked from those scores. Latency is timed by running each method through the query-time object
+(fastslow.query.Retriever) on the first eval.latency_queries queries in batches of eval.text_batch, reported per
 query: mean and p95 over batches; speedup_vs_slow divides the teacher-over-everything latency by it.
-Writes ${output_dir}/eval/: metrics.json, metrics.csv, r1_vs_k.png, latency_vs_k.png.
+Writes ${output_dir}/eval/: metrics.json, metrics.csv, r1_vs_k.png, latency_vs_k.png and fuse_alpha.json (the weight
+per k, stamped with both models and the index it was tuned for).
 Under data.on_error=skip the test items build_index could not read (its manifest lists them) and val items
 that cannot be read are left out with their captions, said aloud and listed in eval/skipped_files.json.
 """
 
 from fastslow.runtime import configure_threads, run  # before torch is imported: it sizes its thread pools once
-
-
-def timed(fn, texts, batch):
-    """Run fn over query batches; returns (outputs, per-query latencies in ms, one per query)."""
-    import time
-
-    outs, lat = [], []
-    if texts:
-        fn(texts[:batch])  # warm-up: first-call allocations and lazy init are not query latency
-    for s in range(0, len(texts), batch):
-        part = texts[s : s + batch]
-        t0 = time.perf_counter()
-        outs.append(fn(part))
-        lat += [(time.perf_counter() - t0) * 1e3 / len(part)] * len(part)
-    return outs, lat
-
-
-def candidate_scores(scorer, texts, ids, batch):
-    """Teacher scores of each query's candidates: ids [Q, k] -> [Q, k] (NaN where the id is -1)."""
-    import torch
-
-    out = torch.full(ids.shape, float("nan"))
-    for s in range(0, len(texts), batch):
-        block = ids[s : s + batch]
-        valid = block >= 0
-        rows = torch.arange(len(block)).unsqueeze(1).expand_as(block)
-        out[s : s + batch][valid] = scorer(texts[s : s + batch], rows[valid], block[valid])
-    return out
-
-
-def lookup(scores, ids):
-    """A teacher_score_fn answering from precomputed candidate scores ([Q, k] aligned with ids [Q, k])."""
-
-    def fn(query_idx, item_ids):
-        pos = (ids[query_idx] == item_ids[:, None]).float().argmax(1)
-        return scores[query_idx, pos]
-
-    return fn
 
 
 def main(argv=None) -> None:
@@ -67,39 +31,44 @@ def main(argv=None) -> None:
     check_data_files(cfg)
     configure_threads(cfg.num_threads)
 
+    from functools import partial
+
     import numpy as np
     import torch
 
     from fastslow import stages
-    from fastslow.artefacts import atomic_write_json
-    from fastslow.combiner import Combiner, adaptive_k, rerank, tune_alpha
+    from fastslow.combiner import adaptive_k, rerank
     from fastslow.data import SkipLedger
-    from fastslow.evaluation import StoreTeacherScorer, encode_items, encode_texts_student, ranking_matrix
-    from fastslow.index import build_index, hash_ids, search
+    from fastslow.evaluation import ranking_matrix
+    from fastslow.index import hash_ids, search
     from fastslow.metrics import format_table, retrieval_metrics, write_metrics
-    from teachers import VisualTokens
+    from fastslow.query import (
+        FUSE_FILE,
+        Retriever,
+        candidate_scores,
+        fuse_stamp,
+        lookup,
+        save_fuse_alphas,
+        timed,
+        tune_on_split,
+    )
 
     out = stages.stage_dir(cfg, "eval")
-    student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
-    student, _, tok = stages.load_trained(student_dir, "student")
-    teacher, _, _ = stages.load_trained(teacher_dir, "teacher")
     stages.ensure_shapes(cfg)
     ledger = SkipLedger()  # what this evaluation leaves out under data.on_error=skip
     full = stages.load_split(cfg, cfg.eval.split, ledger)
     # The gallery as build_index indexed it: without the items its manifest lists as left out (data.on_error=skip).
     split = stages.without_index_skips(cfg, full, stages.stage_dir(cfg, "index"), ledger)
     texts, t2v, n = split.captions, split.text_to_visual, split.n_items
-    student_hash = stages.weights_hash(student_dir / "model.safetensors")
-    teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
-    # Every artefact of the index directory is checked before any work: this student and teacher, this gallery
-    # (the items indexed: a manifest whose "skipped" list does not account for the split fails this check too).
-    index, manifest = stages.open_index(cfg, student_hash, hash_ids(split.item_ids))
-    store = stages.open_gallery_tokens(cfg, manifest, teacher_hash)
-    emb = torch.from_numpy(stages.load_gallery_embeddings(cfg, manifest, student_hash))
+    # Student, index, teacher and token store, loaded once and checked before any work: this student and teacher,
+    # this gallery (the items indexed: a manifest whose "skipped" list does not account for the split fails too).
+    retriever = Retriever.from_run(cfg, gallery_hash=hash_ids(split.item_ids))
+    student, teacher, tok, scorer = retriever.student, retriever.teacher, retriever.tokenizer, retriever.scorer
+    index, manifest = retriever.index, retriever.manifest
+    emb = retriever.embeddings()
     ml, tb = cfg.data.max_length, cfg.eval.text_batch
-    scorer = StoreTeacherScorer(teacher, store, tok, ml)
-    encode = lambda q: encode_texts_student(student, tok, q, max_length=ml)  # noqa: E731
-    scale = float(student.inverse_temperature())
+    encode = retriever.encode
+    scale = retriever.logit_scale
     rows, curves = {}, {}
 
     def add(name, scores, lat, pairs, extra=None, per_query=False):
@@ -148,52 +117,58 @@ def main(argv=None) -> None:
     # Latency is timed separately, by running the combiner itself on eval.latency_queries queries.
     k_max = min(max(cfg.eval.k), n)
     cand_s, cand_ids = s_idx[0][:, :k_max], s_idx[1][:, :k_max]
-    cand_t = candidate_scores(scorer, texts, cand_ids, tb)
+    cand_t = candidate_scores(scorer, texts, cand_ids, tb)  # the fast path: one store gather per batch
 
-    alpha = cfg.combiner.alpha
-    if alpha is None:  # fuse weight tuned on the val split at combiner.k
-        val, load_visual = stages.load_split(cfg, "val", ledger), stages.visual_loader(cfg)
-        # One read of each val item for both models, so that both see the same items under data.on_error=skip.
-        both = lambda *x: (student.encode_visual(*x).float().cpu(), teacher.encode_visual(*x).to(device="cpu"))  # noqa: E731
-        v_out, kept = encode_items(both, val, load_visual, 64, on_error=cfg.data.on_error, ledger=ledger, where="val")
-        if len(kept) < val.n_items:
-            val_all, val = val, val.select_items(kept.tolist())
-            print(
-                f"fuse: {val_all.n_items - val.n_items} of {val_all.n_items} val items could not be read and are left "
-                f"out, with {val_all.n_texts - val.n_texts} of {val_all.n_texts} captions (data.on_error=skip)"
-            )
-        v_index = build_index(torch.cat([o[0] for o in v_out]).numpy(), kind="flat")
-        v_k = min(cfg.combiner.k, val.n_items)
-        v_s, v_ids = (torch.from_numpy(a) for a in search(v_index, encode(val.captions), v_k))
-        v_scorer = StoreTeacherScorer(teacher, VisualTokens.cat([o[1] for o in v_out]), tok, ml)
-        alpha, _ = tune_alpha(v_s, v_ids, candidate_scores(v_scorer, val.captions, v_ids, tb),
-                              torch.as_tensor(val.text_to_visual))
-        print(f"fuse: alpha={alpha} tuned on {val.name} at k={cfg.combiner.k}")
-        # Stamped with both models, the split and k, so search.py never fuses with a weight tuned for another pair.
-        atomic_write_json(
-            out / "fuse_alpha.json",
-            {"alpha": alpha, "split": val.name, "k": cfg.combiner.k},
-            stamp=stages.fuse_stamp(cfg, student_hash, teacher_hash, val.name),
-        )
+    asked = sorted(set(cfg.eval.k) | {cfg.combiner.k})  # the depths a fusion weight is tuned (and looked up) at
+    if cfg.combiner.alpha is None:  # fusion weight per k, tuned on the val split over an index of the gallery's kind
+        index_kw = {"kind": cfg.index.kind, "nlist": cfg.index.nlist, "nprobe": cfg.index.nprobe,
+                    "pq_m": cfg.index.pq_m, "hnsw_m": cfg.index.hnsw_m, "ef_search": cfg.index.ef_search,
+                    "seed": cfg.seed}  # fmt: skip
+        tuned, val = tune_on_split(
+            student, teacher, tok, stages.load_split(cfg, "val", ledger), stages.visual_loader(cfg), ks=asked,
+            max_length=ml, text_batch=tb, index_kw=index_kw, min_gain=cfg.combiner.min_gain,
+            on_error=cfg.data.on_error, ledger=ledger)  # fmt: skip
+        for k, t in tuned.items():
+            guard = " (the teacher does not help on val: student order kept)" if t["alpha"] == 0 else ""
+            print(f"fuse@{k}: alpha={t['alpha']} tuned on {val.name} (val R@1 student {t['r1_student']:.1f}, "
+                  f"teacher {t['r1_teacher']:.1f}, fused {t['r1_fused']:.1f}){guard}")  # fmt: skip
+        # Stamped with both models, the index and the split: search.py never fuses with a weight tuned for another
+        # model pair or index, nor at another k.
+        stamp = fuse_stamp(student_hash=retriever.student_hash, teacher_hash=retriever.teacher_hash,
+                           index_manifest=manifest, val_split=val.name, max_length=ml)  # fmt: skip
+        save_fuse_alphas(out / FUSE_FILE, tuned, split=val.name, stamp=stamp)
+        retriever.alphas = {k: t["alpha"] for k, t in tuned.items()}
 
     sample = texts[: cfg.eval.latency_queries]
-    ks = sorted(set(min(k, n) for k in cfg.eval.k))
-    modes = (("slow", "fast+slow"), ("fuse", "fuse"))
-    variants = [(k, mode, f"{prefix}@{k}", None) for k in ks for mode, prefix in modes]
+    by_k = {}  # clamped depth -> the first k asked for that reaches it
+    for k in sorted(cfg.eval.k):
+        by_k.setdefault(min(k, n), k)
+    modes = (("slow", "rerank", "fast+slow"), ("fuse", "fuse", "fuse"))
+    variants = [(kc, ka, m, rm, f"{prefix}@{kc}", None) for kc, ka in by_k.items() for m, rm, prefix in modes]
     if cfg.combiner.adaptive_margin is not None:
         k = min(cfg.combiner.k, k_max)
-        variants.append((k, "slow", f"adaptive@{k}", cfg.combiner.adaptive_margin))
-    for k, mode, name, margin in variants:
-        depth = None if margin is None else adaptive_k(cand_s[:, :k], margin=margin, k_min=cfg.combiner.adaptive_k_min,
-                                                        scale=scale)
-        res = rerank(cand_s[:, :k], cand_ids[:, :k], lookup(cand_t[:, :k], cand_ids[:, :k]), mode=mode, alpha=alpha,
-                     depth=depth)
-        comb = Combiner(encode, index, scorer, mode=mode, k=k, alpha=alpha, batch_size=tb, logit_scale=scale,
-                        adaptive_margin=margin, k_min=cfg.combiner.adaptive_k_min)
-        _, lat = timed(comb.rank, sample, tb)
+        variants.append((k, cfg.combiner.k, "slow", "rerank", f"adaptive@{k}", cfg.combiner.adaptive_margin))
+    for kc, ka, mode, rmode, name, margin in variants:
+        depth = (
+            None
+            if margin is None
+            else adaptive_k(cand_s[:, :kc], margin=margin, k_min=cfg.combiner.adaptive_k_min, scale=scale)
+        )
+        alpha = retriever.alpha_for(ka) if mode == "fuse" else 0.0
+        res = rerank(
+            cand_s[:, :kc],
+            cand_ids[:, :kc],
+            lookup(cand_t[:, :kc], cand_ids[:, :kc]),
+            mode=mode,
+            alpha=alpha,
+            depth=depth,
+        )
+        # Latency: the query-time object itself, batched as eval.text_batch (a k above the gallery is clamped).
+        search_fn = partial(retriever.search, k=ka, mode=rmode, margin=margin, k_min=cfg.combiner.adaptive_k_min)
+        _, lat = timed(search_fn, sample, tb)
         add(name, ranking_matrix(res.ids, n, exact), lat, res.pairs_scored / len(texts), per_query=True)
         if margin is None:
-            curves.setdefault(mode, []).append((k, rows[name]["t2v_R@1"], rows[name]["latency_ms_mean"]))
+            curves.setdefault(mode, []).append((kc, rows[name]["t2v_R@1"], rows[name]["latency_ms_mean"]))
     if "slow" in rows:
         for row in rows.values():
             row["speedup_vs_slow"] = rows["slow"]["latency_ms_mean"] / max(row["latency_ms_mean"], 1e-9)

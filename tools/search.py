@@ -6,10 +6,11 @@
 
 Besides recipe keys (e.g. combiner.alpha=0.7), takes its own arguments: query=TEXT (repeatable),
 k=N (default combiner.k; clamped to the gallery with a warning), mode=slow|fuse|fast (default
-combiner.mode) and html=PATH (a page showing the ranked images with their scores). Needs
-${output_dir}/index from tools/build_index.py; mode=fuse without combiner.alpha uses the weight
-rerank_eval.py tuned (${output_dir}/eval/fuse_alpha.json), else 0.5. Every artefact read is checked
-against its stamp: an index of another student, teacher tokens of another teacher or gallery, or a
+combiner.mode; slow = the student's top-k reranked by the teacher alone) and html=PATH (a page
+showing the ranked images with their scores). Needs ${output_dir}/index from tools/build_index.py;
+mode=fuse without combiner.alpha uses the weight rerank_eval.py tuned for this index at this k
+(${output_dir}/eval/fuse_alpha.json), else 0.5. Every artefact is loaded once (fastslow.query.Retriever)
+and checked against its stamp: an index of another student, teacher tokens of another teacher or gallery, or a
 fusion weight tuned for another model pair is refused, naming what differs.
 """
 
@@ -61,7 +62,6 @@ def write_html(path, queries, results, split) -> None:
 
 
 def main(argv=None) -> None:
-    import json
     import sys
 
     from fastslow.config import ConfigError, check_data_files, load_recipe
@@ -73,49 +73,19 @@ def main(argv=None) -> None:
     check_data_files(cfg)
     configure_threads(cfg.num_threads)
 
-    from fastslow import stages
-    from fastslow.artefacts import check_stamp
-    from fastslow.combiner import Combiner
-    from fastslow.evaluation import StoreTeacherScorer, encode_texts_student
+    from fastslow.query import Retriever
 
-    student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
-    student, _, tok = stages.load_trained(student_dir, "student")
-    teacher, _, _ = stages.load_trained(teacher_dir, "teacher")
-    student_hash = stages.weights_hash(student_dir / "model.safetensors")
-    teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
-    # No gallery is loaded here: the index's manifest names it, and the teacher tokens must be of that gallery.
-    index, manifest = stages.open_index(cfg, student_hash)
     mode = own.get("mode", cfg.combiner.mode)
-    alpha = cfg.combiner.alpha
-    tuned = stages.stage_dir(cfg, "eval") / "fuse_alpha.json"
-    if alpha is None and mode == "fuse":  # the weight rerank_eval tuned on val, else an even mix
-        alpha = 0.5
-        if tuned.is_file():
-            # Split names are "<dataset>/<split>" (stages.load_split): the val split of the indexed gallery's data.
-            val_split = manifest.get("split", "").rpartition("/")[0] + "/val"
-            rebuild = f"{stages.rebuild_command(cfg, 'rerank_eval.py')} (it tunes the weight), or set combiner.alpha"
-            check_stamp(tuned, stages.fuse_stamp(cfg, student_hash, teacher_hash, val_split), rebuild)
-            alpha = json.loads(tuned.read_text())["alpha"]
     try:
         k = int(own.get("k", cfg.combiner.k))
     except ValueError:
         raise ConfigError(f"k={own['k']!r} is not a whole number") from None
-    ml = cfg.data.max_length
-    scorer = None
-    if mode != "fast":  # the student alone reads no teacher tokens
-        scorer = StoreTeacherScorer(teacher, stages.open_gallery_tokens(cfg, manifest, teacher_hash), tok, ml)
-    comb = Combiner(
-        lambda q: encode_texts_student(student, tok, q, max_length=ml),
-        index,
-        scorer,
-        mode=mode,
-        k=k,
-        alpha=0.5 if alpha is None else alpha,
-        logit_scale=float(student.inverse_temperature()),
-        tokenizer=tok,  # an empty or invisible-only query is refused (QueryError), k <= 0 too: exit status 2
-        max_length=ml,
-    )
-    results = comb.search(own["query"], k)
+    # Student, index, teacher and token store loaded once and checked to belong together; the student alone reads
+    # no teacher tokens. No gallery is loaded here: the index's manifest names it.
+    retriever = Retriever.from_run(cfg, teacher=mode != "fast")
+    # combiner.mode=slow is the teacher alone over the student's top-k: the retriever's "rerank".
+    results = retriever.hits(retriever.search(own["query"], k, {"slow": "rerank"}.get(mode, mode)))
+    manifest = retriever.manifest
     ids, paths = manifest["item_ids"], manifest.get("item_paths", [])
     # The gallery is what build_index indexed: under data.on_error=skip, without the items it could not read.
     gallery = f"gallery {len(ids)}"
