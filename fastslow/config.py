@@ -395,6 +395,14 @@ def _validate(cfg: DictConfig) -> None:
     _check_ranges(cfg, schema.RecipeConfig, "")
     _check_dataset_keys(cfg)
     _check_generate(cfg)
+    for section in ("teacher", "student"):
+        for name in ("image_mean", "image_std"):
+            value = cfg[section][name]
+            if value is not None and len(value) != 3:
+                raise ConfigError(
+                    f"{section}.{name}={list(value)}: give 3 values (R, G, B), e.g. {section}.{name}=[0.5,0.5,0.5], "
+                    f"or null for the backbone's own"
+                )
     if cfg.loss.distill == "swap" and cfg.loss.swaps < 1:
         raise ConfigError(f"loss.distill=swap needs loss.swaps >= 1 (got {cfg.loss.swaps}); or pick another mode")
     for section in ("train", "teacher_train"):

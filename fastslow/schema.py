@@ -49,6 +49,9 @@ Distill = _modes("Distill", ["none", "swap", "inbatch", "listwise", "group"])  #
 TeacherNorm = _modes("TeacherNorm", ["length", "sum", "zscore"])  # fastslow.losses TEACHER_NORMS
 IndexKind = _modes("IndexKind", ["flat", "ivf", "ivfpq", "hnsw"])  # fastslow.index KINDS
 CombinerMode = _modes("CombinerMode", ["slow", "fuse"])  # fastslow.combiner MODES
+Interpolation = _modes(
+    "Interpolation", ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+)  # fastslow.data INTERPOLATIONS
 
 
 def key(
@@ -117,6 +120,11 @@ class TeacherConfig:
     cross_attn: CrossAttn | None = MISSING
     directions: int | None = key(ge=1, le=2)
     pretrained_path: str | None = MISSING
+    # The image loader feeding the teacher; null: its backbone's own (timm.data.resolve_model_data_config), so a
+    # pretrained backbone sees pixels normalised as in its training. Three values each (RGB, in [0, 1] units).
+    image_mean: list[float] | None = key(None, ge=0, le=1)
+    image_std: list[float] | None = key(None, gt=0)
+    image_interpolation: Interpolation | None = None
 
 
 @dataclass
@@ -132,6 +140,10 @@ class StudentConfig:
     video_frame_diff: bool | None = MISSING
     image_pretrained_path: str | None = MISSING
     text_pretrained_path: str | None = MISSING
+    # The image loader feeding the student (as teacher.image_*): null = its backbone's (ViT-B/16: mean / std 0.5).
+    image_mean: list[float] | None = key(None, ge=0, le=1)
+    image_std: list[float] | None = key(None, gt=0)
+    image_interpolation: Interpolation | None = None
 
 
 @dataclass

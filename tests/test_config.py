@@ -137,6 +137,10 @@ ISSUE_13_BAD = [
     ("data.image_size=null", "reads data.image_size"),
     ("eval.k=null", "cannot be null"),
     ("teacher_train.resume=/no/such/ckpt", "no such checkpoint"),
+    ("student.image_mean=[0.5,0.5]", "give 3 values"),
+    ("teacher.image_std=[0.5,0,0.5]", "> 0"),
+    ("student.image_mean=[128,128,128]", "in [0, 1]"),
+    ("teacher.image_interpolation=cubic", "bicubic"),
 ]
 
 
@@ -264,7 +268,7 @@ def test_generate_schema_matches_the_generator_signature(dataset):
 def test_mode_enums_equal_the_library_values():
     """The schema's enums are the values the library accepts (its tuples, and what the builders take)."""
     from fastslow import combiner, distill, index, losses, stages
-    from fastslow.data import ON_ERROR
+    from fastslow.data import INTERPOLATIONS, ON_ERROR
     from fastslow.data.karpathy import KARPATHY_SPLITS
     from students import create_student
     from teachers import CaptionerConfig
@@ -278,6 +282,7 @@ def test_mode_enums_equal_the_library_values():
     assert values(schema.CombinerMode) == set(combiner.MODES)
     assert values(schema.OnError) == set(ON_ERROR)
     assert values(schema.Split) == set(KARPATHY_SPLITS)
+    assert values(schema.Interpolation) == set(INTERPOLATIONS)
     assert values(schema.Dataset) == set(stages.IMAGE_DATASETS + stages.VIDEO_DATASETS) == set(schema.DATASET_KEYS)
     for mode in values(schema.CrossAttn):
         CaptionerConfig(cross_attn=mode)

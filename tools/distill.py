@@ -60,8 +60,9 @@ def main(argv=None) -> None:
     # Every pass that reads items (load checks, token store, miner, validation, training) records in this one
     # ledger what it leaves out under data.on_error=skip; the trainer reports it at the end of the run.
     ledger, on_error = SkipLedger(), cfg.data.on_error
-    train, val, tok, load_visual = stages.prepare_training(cfg, acc, ledger)
+    train, val, tok = stages.prepare_training(cfg, acc, ledger)
     student = stages.build_student(cfg, tok)
+    load_visual = stages.visual_loader(cfg, student)  # the student's backbone's mean / std (ViT-B/16: 0.5)
     acc.print(
         f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
         f"distillation: {mode}"
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
             teacher.to(acc.device),
             teacher_hash,
             train,
-            load_visual,
+            stages.visual_loader(cfg, teacher),  # the teacher reads the items as it was trained to (its mean / std)
             tok,
             cfg.data.max_length,
             cache_dir / "teacher_tokens_train",

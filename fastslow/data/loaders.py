@@ -21,8 +21,10 @@ from fastslow.errors import DataError
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
+    "INTERPOLATIONS",
     "ImageLoader",
     "FeatureLoader",
+    "resolve_image_config",
     "read_image_rgb",
     "to_rgb",
     "resize_center_crop",
@@ -33,6 +35,9 @@ __all__ = [
 # Same values as timm.data.IMAGENET_DEFAULT_*; copied so that loading data does not import timm.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+# PIL resampling filters by timm's names (`timm.data.resolve_model_data_config` reports one of these).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 _SKIP_HINT = "replace the file or set data.on_error=skip to drop it"
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -46,9 +51,10 @@ class ImageLoader:
 
     Steps: decode with PIL (truncated files are errors, whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says),
     apply the EXIF orientation, convert any mode to RGB (`to_rgb`), resize the shorter side to S with
-    bicubic (antialiased) resampling and take the centre S x S crop (`resize_center_crop`; the usual
-    evaluation transform of ImageNet-pretrained backbones: no distortion of the aspect ratio, the centre
-    of the scene kept), then ``(x / 255 - mean) / std``.
+    the backbone's (antialiased) resampling filter and take the centre S x S crop (`resize_center_crop`; the
+    usual evaluation transform of pretrained backbones: no distortion of the aspect ratio, the centre of the
+    scene kept), then ``(x / 255 - mean) / std``. Size, mean / std and filter come from the model the pixels
+    feed (`resolve_image_config`), so a ViT trained on mean / std 0.5 is not handed ImageNet-normalised pixels.
 
     JPEGs are decoded with PIL's draft mode (DCT-domain downscaling by 1/2, 1/4 or 1/8, never below S on
     either side), which makes decoding COCO-sized photos for S=224 several times faster.
@@ -57,6 +63,7 @@ class ImageLoader:
         image_size: S, the output height and width.
         mean: per-channel mean of the backbone (RGB, in [0, 1]).
         std: per-channel standard deviation of the backbone.
+        interpolation: the resampling filter, one of `INTERPOLATIONS` (timm's names).
     """
 
     def __init__(
@@ -64,12 +71,19 @@ class ImageLoader:
         image_size: int,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str = "bicubic",
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean={tuple(mean)}, std={tuple(std)}: expected 3 values each, every std > 0")
         self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.interpolation = interpolation
+        self.mean_values, self.std_values = tuple(float(m) for m in mean), tuple(float(v) for v in std)
+        self.mean = torch.tensor(self.mean_values, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(self.std_values, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, path: str | os.PathLike) -> torch.Tensor:
         """Load ``path``.
@@ -80,12 +94,58 @@ class ImageLoader:
         Raises:
             DataError: the file is missing, empty, not an image, truncated or corrupt.
         """
-        image = resize_center_crop(read_image_rgb(path, draft_size=self.image_size), self.image_size)
+        image = read_image_rgb(path, draft_size=self.image_size)
+        return self.normalise(resize_center_crop(image, self.image_size, self.interpolation))
+
+    def normalise(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image -> ``[3, H, W]`` float, ``(x / 255 - mean) / std``."""
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         return pixels.sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
-        return f"ImageLoader(image_size={self.image_size})"
+        return (
+            f"ImageLoader(image_size={self.image_size}, mean={self.mean_values}, std={self.std_values}, "
+            f"interpolation={self.interpolation!r})"
+        )
+
+
+def resolve_image_config(
+    backbone,
+    image_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+) -> dict:
+    """The `ImageLoader` arguments a timm backbone expects: its mean / std and resampling filter, as timm's
+    `resolve_model_data_config` reads them from the backbone's pretrained config, each overridable.
+
+    The size stays the caller's (the recipe's ``data.image_size``, which the model is built for, and which every
+    token store and index is stamped with); timm's ``crop_pct`` is not applied: retrieval evaluates on the
+    shorter side resized to S and centre-cropped (CLIP, BLIP), since a caption may name what sits at the border.
+    Our own loader is kept rather than ``timm.data.create_transform`` for evaluation for its JPEG draft decode
+    (DCT-domain downscaling: several times faster on COCO-sized photos) and its `DataError` naming the file.
+
+    Args:
+        backbone: a timm model (``features_only`` wrappers included).
+        image_size: S.
+        mean, std, interpolation: overrides (the recipe's ``*.image_mean`` / ``image_std`` / ``image_interpolation``);
+            None takes the backbone's.
+
+    Returns:
+        ``{"image_size", "mean", "std", "interpolation"}``, the keyword arguments of `ImageLoader`.
+    """
+    from timm.data import resolve_model_data_config  # here: reading data must not import timm
+
+    resolved = resolve_model_data_config(backbone)
+    interp = interpolation or resolved["interpolation"]
+    if interp not in INTERPOLATIONS:  # timm also knows "random" (training only): evaluate with its usual bicubic
+        interp = "bicubic"
+    return {
+        "image_size": int(image_size),
+        "mean": tuple(float(v) for v in (mean if mean is not None else resolved["mean"])),
+        "std": tuple(float(v) for v in (std if std is not None else resolved["std"])),
+        "interpolation": interp,
+    }
 
 
 def read_image_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
@@ -207,12 +267,13 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased), then crop the centre ``size x size``.
+def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Resize so the shorter side is ``size`` (antialiased), then crop the centre ``size x size``.
 
     Args:
         image: a PIL image.
         size: the output side.
+        interpolation: the resampling filter, one of `INTERPOLATIONS`.
 
     Returns:
         A ``size x size`` PIL image.
@@ -221,7 +282,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(width, height)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
     if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        image = image.resize((new_width, new_height), Image.Resampling[interpolation.upper()])
     left, top = (new_width - size) // 2, (new_height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
