@@ -395,6 +395,16 @@ def _validate(cfg: DictConfig) -> None:
     _check_ranges(cfg, schema.RecipeConfig, "")
     _check_dataset_keys(cfg)
     _check_generate(cfg)
+    aug = cfg.data.augment
+    if aug.enabled and str(cfg.data.dataset) not in ("shapes", "karpathy"):
+        raise ConfigError(
+            f"data.augment.enabled=true augments images, but data.dataset={cfg.data.dataset} reads clip features: "
+            f"set data.augment.enabled=false"
+        )
+    for name in ("crop_scale", "crop_ratio"):
+        value = list(aug[name])
+        if len(value) != 2 or value[0] > value[1]:
+            raise ConfigError(f"data.augment.{name}={value}: give [low, high] with low <= high")
     for section in ("teacher", "student"):
         for name in ("image_mean", "image_std"):
             value = cfg[section][name]

@@ -71,6 +71,22 @@ def key(
 
 # ---------------------------------------------------------------------------------------------- sections
 @dataclass
+class AugmentConfig:
+    """`data.augment`: the training loader of image datasets (`fastslow.data.AugmentingImageLoader`). Off for the
+    built-in shapes (a crop can cut an object out of a caption; its minimal pairs hinge on exact layouts) and
+    for video (clip features); on for real photos (flickr, coco). Evaluation is never augmented."""
+
+    enabled: bool = False  # false: training reads items exactly as evaluation does
+    # Area fraction and aspect ratio of the random crop (BLIP / ALBEF fine-tune with area (0.5, 1)).
+    crop_scale: list[float] = key(default_factory=lambda: [0.5, 1.0], gt=0, le=1)
+    crop_ratio: list[float] = key(default_factory=lambda: [0.75, 1.3333], gt=0)
+    color_jitter: float = key(0.4, ge=0)  # brightness / contrast / saturation strength; 0: off
+    # Probability of a horizontal flip, which swaps "left" and "right" in the caption (fastslow.data.swap_left_right);
+    # 0: never flip.
+    hflip: float = key(0.5, ge=0, le=1)
+
+
+@dataclass
 class DataConfig:
     """`data`: the dataset reader and its files. Below `num_workers`, keys only some datasets read
     (null elsewhere; the loader requires them for their datasets and rejects them for the others)."""
@@ -92,6 +108,7 @@ class DataConfig:
     feature_dim: int | None = key(None, ge=1)
     max_frames: int | None = key(None, ge=1)
     n_val: int | None = key(None, ge=1)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # generated datasets: the generator's keyword arguments, checked against ShapesGenerate /
     # ShapesVideoGenerate below (a typed Union of sections is not something OmegaConf supports)
     generate: dict[str, Any] | None = None

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fastslow.artefacts import atomic_write_json, check_stamp, load_weights, read_json, read_safetensors
 from fastslow.config import ConfigError, load_saved_config, save_config, to_kwargs
 from fastslow.data import (
+    AugmentingImageLoader,
     FeatureLoader,
     ImageLoader,
     RetrievalSplit,
@@ -265,12 +266,14 @@ def finish_skips(ledger: SkipLedger, directory: Path, accelerator=None) -> None:
             print(f"left out by this run (data.on_error=skip): {ledger.report()}; list in {path}", flush=True)
 
 
-def visual_loader(cfg: DictConfig, model: torch.nn.Module | None = None):
+def visual_loader(cfg: DictConfig, model: torch.nn.Module | None = None, train: bool = False):
     """The per-item loader of the model it feeds: images -> [3, S, S] with that model's mean / std and filter
     (`model.data_config`: its backbone's, or the recipe's `*.image_*` overrides); video features -> ([T, D], [T]).
 
     The teacher and the student each get their own (a ViT student wants mean / std 0.5, a ResNet teacher
     ImageNet's). Without a model: ImageNet statistics and bicubic resampling (the loader of earlier versions).
+    ``train=True`` gives the training loader: `AugmentingImageLoader` under `data.augment.enabled`, else the same
+    deterministic loader as evaluation (every pass but the training one reads items unaugmented).
     """
     if modality(cfg) == "image":
         data_config = getattr(model, "data_config", None) or {"image_size": cfg.data.image_size}
@@ -279,6 +282,8 @@ def visual_loader(cfg: DictConfig, model: torch.nn.Module | None = None):
                 f"the model is built for {data_config['image_size']}px images but data.image_size="
                 f"{cfg.data.image_size}: build it from this recipe"
             )
+        if train and cfg.data.augment.enabled:
+            return AugmentingImageLoader(**data_config, **to_kwargs(cfg.data.augment, drop=("enabled",)))
         return ImageLoader(**data_config)
     return FeatureLoader(cfg.data.max_frames, feature_dim=cfg.data.feature_dim)
 

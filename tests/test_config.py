@@ -141,6 +141,11 @@ ISSUE_13_BAD = [
     ("teacher.image_std=[0.5,0,0.5]", "> 0"),
     ("student.image_mean=[128,128,128]", "in [0, 1]"),
     ("teacher.image_interpolation=cubic", "bicubic"),
+    ("data.augment.crop_scale=[0.9,0.5]", "low <= high"),
+    ("data.augment.crop_scale=[0.5]", "[low, high]"),
+    ("data.augment.crop_scale=[0,1]", "> 0"),
+    ("data.augment.hflip=1.5", "in [0, 1]"),
+    ("data.augment.color_jitter=-1", ">= 0"),
 ]
 
 

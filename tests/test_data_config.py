@@ -1,8 +1,11 @@
-"""Per-model image loaders (issue 12 point 1): each model's mean / std / resampling come from its backbone.
+"""Per-model image loaders (issue 12 point 1): each model's mean / std / resampling come from its backbone;
+training augmentation (point 2): crops, jitter, flips that swap left and right in the caption, evaluation untouched.
 
 A ViT student expects pixels normalised with mean / std 0.5, a ResNet teacher ImageNet's statistics; both read
 the same files, each through its own `ImageLoader` (`stages.visual_loader(cfg, model)`), overridable in the recipe.
 """
+
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +15,17 @@ from PIL import Image
 
 from fastslow import stages
 from fastslow.config import load_recipe
-from fastslow.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageLoader
+from fastslow.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    AugmentingImageLoader,
+    ImageLoader,
+    PairDataset,
+    RetrievalSplit,
+    collate,
+    swap_left_right,
+)
+from fastslow.errors import ConfigError
 from fastslow.tokenizer import train_tokenizer
 from students import create_student
 from teachers import create_teacher
@@ -74,3 +87,89 @@ def test_default_loader_is_todays_imagenet_bicubic(photo):
     for model in (stages.build_student(cfg, tok), stages.build_teacher(cfg, tok)):
         assert stages.visual_loader(cfg, model).__dict__.keys() == loader.__dict__.keys()
         assert repr(stages.visual_loader(cfg, model)) == repr(ImageLoader(cfg.data.image_size))
+
+
+# ------------------------------------------------------------------------ training augmentation (issue 12 point 2)
+
+
+def _split(tmp_path, captions_per_item):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(len(captions_per_item)):
+        path = tmp_path / f"im{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    captions = [c for caps in captions_per_item for c in caps]
+    text_to_visual = [i for i, caps in enumerate(captions_per_item) for _ in caps]
+    ids = [f"im{i}.jpg" for i in range(len(paths))]
+    return RetrievalSplit("t/train", "image", ids, paths, captions, text_to_visual)
+
+
+CAPTIONS = [["a dog left of a cat", "two dogs"], ["the leftmost box is Right of a tree"]]
+
+
+def test_swap_left_right_keeps_case_and_other_words():
+    assert swap_left_right("A dog Left of a cat, RIGHT-hand; the leftmost box") == (
+        "A dog Right of a cat, LEFT-hand; the rightmost box")  # fmt: skip
+    assert swap_left_right("bright cleft lefty") == "bright cleft lefty"
+
+
+def test_recipes_augment_real_photos_only_and_never_video():
+    on = {name: bool(load_recipe([f"recipe={name}"]).data.augment.enabled) for name in
+          ("flickr", "coco", "shapes", "shapes_video", "smoke", "smoke_video", "vatex")}  # fmt: skip
+    assert on == {"flickr": True, "coco": True, "shapes": False, "shapes_video": False, "smoke": False,
+                  "smoke_video": False, "vatex": False}  # fmt: skip
+    with pytest.raises(ConfigError, match="reads clip features"):
+        load_recipe(["recipe=smoke_video", "data.augment.enabled=true"])
+
+
+def test_evaluation_stays_deterministic_while_training_is_augmented(photo):
+    cfg = load_recipe(["recipe=smoke", "data.augment.enabled=true"])
+    tok = train_tokenizer(["a red square", "a blue circle"], vocab_size=64)
+    student = stages.build_student(cfg, tok)
+    plain, train_load = stages.visual_loader(cfg, student), stages.visual_loader(cfg, student, train=True)
+    assert type(plain) is ImageLoader and isinstance(train_load, AugmentingImageLoader)
+    torch.manual_seed(0)
+    random.seed(0)
+    first = plain(photo)
+    torch.manual_seed(1)
+    random.seed(1)
+    assert torch.equal(first, plain(photo))
+    assert torch.equal(first, ImageLoader(**student.data_config)(photo))
+    # The training loader of the same model does draw: two reads differ, and neither is the evaluation view.
+    a, b = train_load(photo), train_load(photo)
+    assert a.shape == b.shape == first.shape
+    assert not torch.equal(a, b) and not torch.equal(a, first)
+
+
+def test_a_flipped_image_gets_its_caption_with_left_and_right_swapped(tmp_path):
+    split = _split(tmp_path, CAPTIONS)
+    tok = train_tokenizer([swap_left_right(c) for c in split.captions] + split.captions, vocab_size=64)
+    # Crop = the whole (square) image, no jitter: the only randomness left is the flip.
+    fixed = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), color_jitter=0.0)
+    mirror = PairDataset(split, AugmentingImageLoader(16, hflip=1.0, **fixed), tok, max_length=16)
+    straight = PairDataset(split, AugmentingImageLoader(16, hflip=0.0, **fixed), tok, max_length=16)
+    for i, caption in enumerate(split.captions):
+        m, s = mirror[i], straight[i]
+        torch.testing.assert_close(m["visual"], s["visual"].flip(-1))
+        for sample, text in ((m, swap_left_right(caption)), (s, caption)):
+            ids, mask = tok.encode([text], 16)
+            n = int(mask.sum())
+            assert sample["input_ids"][:n].tolist() == ids[0, :n].tolist(), text
+            assert int(sample["attention_mask"].sum()) == n
+    assert tok.decode(mirror[0]["input_ids"].tolist()).split()[:4] == ["a", "dog", "right", "of"]
+    assert tok.decode(mirror[1]["input_ids"].tolist()) == tok.decode(straight[1]["input_ids"].tolist())  # no side
+
+
+def test_augmentation_off_gives_todays_batches_bit_for_bit(tmp_path):
+    split = _split(tmp_path, CAPTIONS)
+    tok = train_tokenizer(split.captions, vocab_size=64)
+    cfg = load_recipe(["recipe=shapes"])
+    student = stages.build_student(cfg, tok)
+    train_load = stages.visual_loader(cfg, student, train=True)
+    assert type(train_load) is ImageLoader
+    today = PairDataset(split, ImageLoader(cfg.data.image_size), tok, max_length=16)
+    now = PairDataset(split, train_load, tok, max_length=16)
+    batch_today, batch_now = collate([today[i] for i in range(3)]), collate([now[i] for i in range(3)])
+    for key in ("pixels", "input_ids", "attention_mask", "item_index", "text_index"):
+        assert torch.equal(batch_today[key], batch_now[key]), key

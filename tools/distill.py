@@ -69,7 +69,10 @@ def main(argv=None) -> None:
     )
 
     batcher, checkpoint_objects, teacher_directions, composer = DistillBatcher("none"), [], 2, None
-    dataset = PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=on_error)
+    # Training pairs augmented under data.augment.enabled; every other pass (mining, tokens, validation) reads them
+    # plain.
+    train_load = stages.visual_loader(cfg, student, train=True)
+    dataset = PairDataset(train, train_load, tok, cfg.data.max_length, on_error=on_error)
     if mode != "none" and cfg.loss.oracle:
         # The student's ceiling: targets from the generator's ground truth instead of a teacher (shapes only).
         from fastslow.data.shapes import GroundTruth

@@ -71,7 +71,9 @@ def main(argv=None) -> None:
     acc.wait_for_everyone()
     trainer = Trainer(
         CaptioningObjective(teacher),
-        PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error),
+        PairDataset(
+            train, stages.visual_loader(cfg, teacher, train=True), tok, cfg.data.max_length, on_error=cfg.data.on_error
+        ),
         collate_fn=collate,
         out_dir=out,
         cfg=train_cfg,

@@ -17,6 +17,7 @@ from fastslow.data.loaders import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     INTERPOLATIONS,
+    AugmentingImageLoader,
     FeatureLoader,
     ImageLoader,
     fit_frames,
@@ -24,6 +25,7 @@ from fastslow.data.loaders import (
     read_image_rgb,
     resize_center_crop,
     resolve_image_config,
+    swap_left_right,
     to_rgb,
 )
 from fastslow.data.skips import SKIP_FILE, SkipLedger, captions_per_path, gather_ledger, reason_of
@@ -54,6 +56,8 @@ __all__ = [
     "IMAGENET_DEFAULT_STD",
     "INTERPOLATIONS",
     "ImageLoader",
+    "AugmentingImageLoader",
+    "swap_left_right",
     "resolve_image_config",
     "FeatureLoader",
     "read_image_rgb",

@@ -8,7 +8,9 @@ which the datasets either propagate or record, depending on ``on_error``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -23,6 +25,8 @@ __all__ = [
     "IMAGENET_DEFAULT_STD",
     "INTERPOLATIONS",
     "ImageLoader",
+    "AugmentingImageLoader",
+    "swap_left_right",
     "FeatureLoader",
     "resolve_image_config",
     "read_image_rgb",
@@ -107,6 +111,105 @@ class ImageLoader:
             f"ImageLoader(image_size={self.image_size}, mean={self.mean_values}, std={self.std_values}, "
             f"interpolation={self.interpolation!r})"
         )
+
+
+class AugmentingImageLoader(ImageLoader):
+    """The training loader for real photos: random resized crop, colour jitter and, optionally, a horizontal flip.
+
+    The crop and the jitter are timm's own training transform (`timm.data.create_transform(is_training=True)`,
+    fed our decoded RGB image so that bad files still raise `DataError` naming them). The flip is not timm's: it is
+    decided by `PairDataset`, which swaps "left" and "right" in the caption of a flipped image (`swap_left_right`),
+    since a mirrored "a dog left of a cat" is a wrong pair. Evaluation never uses this loader (deterministic
+    `ImageLoader`).
+
+    JPEG draft decoding is kept, at the side that leaves the smallest crop (area ``crop_scale[0]``) at least S pixels
+    wide: decoding at S alone would make every crop an upscale of fewer than S pixels.
+
+    Args:
+        image_size, mean, std, interpolation: as `ImageLoader` (the model's, `resolve_image_config`).
+        crop_scale: range of the crop's area as a fraction of the image (BLIP / ALBEF fine-tune with (0.5, 1)).
+        crop_ratio: range of the crop's aspect ratio, before it is resized to S x S.
+        color_jitter: brightness / contrast / saturation strength (0: off).
+        hflip: probability that `PairDataset` flips a sample (0: never).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str = "bicubic",
+        *,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        color_jitter: float = 0.4,
+        hflip: float = 0.0,
+    ) -> None:
+        super().__init__(image_size, mean, std, interpolation)
+        from timm.data import create_transform  # here: reading data for evaluation must not import timm
+
+        if not (0 < crop_scale[0] <= crop_scale[1] <= 1) or not (0 < crop_ratio[0] <= crop_ratio[1]):
+            raise ValueError(f"crop_scale={tuple(crop_scale)} / crop_ratio={tuple(crop_ratio)}: expected 0 < lo <= hi")
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"hflip={hflip}: a probability, in [0, 1]")
+        self.hflip = float(hflip)
+        self.crop_scale, self.crop_ratio, self.color_jitter = tuple(crop_scale), tuple(crop_ratio), float(color_jitter)
+        self.draft_size = math.ceil(self.image_size / math.sqrt(self.crop_scale[0]))
+        self.transform = create_transform(
+            input_size=self.image_size,
+            is_training=True,
+            scale=self.crop_scale,
+            ratio=self.crop_ratio,
+            hflip=0.0,  # ours, with the caption (see the class docstring)
+            vflip=0.0,
+            color_jitter=self.color_jitter,
+            interpolation=self.interpolation,
+            mean=self.mean_values,
+            std=self.std_values,
+            re_prob=0.0,
+        )
+
+    def __call__(self, path: str | os.PathLike, flip: bool = False) -> torch.Tensor:
+        """Load ``path`` with a random crop and jitter, mirrored if ``flip``.
+
+        Returns:
+            Float tensor ``[3, S, S]``, normalised.
+
+        Raises:
+            DataError: as `ImageLoader`.
+        """
+        image = read_image_rgb(path, draft_size=self.draft_size)
+        if flip:
+            image = ImageOps.mirror(image)
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return (
+            f"AugmentingImageLoader(image_size={self.image_size}, crop_scale={self.crop_scale}, "
+            f"crop_ratio={self.crop_ratio}, color_jitter={self.color_jitter}, hflip={self.hflip})"
+        )
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """The caption of the mirrored image: "left" <-> "right" (also -most, -ward, -wards), keeping the case.
+
+    "right" in the sense of "correct" ("all right") is swapped too; captions of photos rarely use it, and a caption
+    whose words are kept while the picture is mirrored would be the worse error.
+    """
+
+    def swap(m: re.Match) -> str:
+        word = m.group(1)
+        new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            new = new.upper()
+        elif word[0].isupper():
+            new = new.capitalize()
+        return new + (m.group(2) or "")
+
+    return _LEFT_RIGHT.sub(swap, text)
 
 
 def resolve_image_config(
