@@ -400,6 +400,24 @@ def _validate(cfg: DictConfig) -> None:
             f"data.split_file={cfg.data.split_file} is set but data.dataset={cfg.data.dataset} does not read it (only "
             "vatex and shapes_video do; the Karpathy file carries its own split): set data.split_file=null"
         )
+    aug = cfg.data.augment
+    if aug.enabled and str(cfg.data.dataset) not in ("shapes", "karpathy"):
+        raise ConfigError(
+            f"data.augment.enabled=true augments images, but data.dataset={cfg.data.dataset} reads clip features: "
+            f"set data.augment.enabled=false"
+        )
+    for name in ("crop_scale", "crop_ratio"):
+        value = list(aug[name])
+        if len(value) != 2 or value[0] > value[1]:
+            raise ConfigError(f"data.augment.{name}={value}: give [low, high] with low <= high")
+    for section in ("teacher", "student"):
+        for name in ("image_mean", "image_std"):
+            value = cfg[section][name]
+            if value is not None and len(value) != 3:
+                raise ConfigError(
+                    f"{section}.{name}={list(value)}: give 3 values (R, G, B), e.g. {section}.{name}=[0.5,0.5,0.5], "
+                    f"or null for the backbone's own"
+                )
     if cfg.loss.distill == "swap" and cfg.loss.swaps < 1:
         raise ConfigError(f"loss.distill=swap needs loss.swaps >= 1 (got {cfg.loss.swaps}); or pick another mode")
     for section in ("train", "teacher_train"):

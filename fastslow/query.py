@@ -154,9 +154,13 @@ def tune_on_split(
     min_gain: float = 0.0,
     on_error: str = "raise",
     ledger: Any = None,
+    teacher_load_visual: Callable | None = None,
 ) -> tuple[dict[int, dict[str, float]], Any]:
     """Tune the fusion weight per k on a validation split: encode its items with both models, index them as the
     gallery is indexed (``index_kw``: the recipe's kind and parameters), rerank the student's top-max(ks).
+
+    ``load_visual`` is the student's item loader; ``teacher_load_visual`` the teacher's when it differs (each model
+    normalises with its own backbone's statistics, `stages.visual_loader(cfg, model)`); None: the same loader.
 
     Returns:
         ``(tune_fuse_alphas(...), the split as read)``: under ``on_error="skip"`` the items that cannot be read and
@@ -169,7 +173,20 @@ def tune_on_split(
     def both(*x):
         return student.encode_visual(*x).float().cpu(), teacher.encode_visual(*x).to(device="cpu")
 
-    v_out, kept = encode_items(both, split, load_visual, 64, on_error=on_error, ledger=ledger, where="val")
+    if teacher_load_visual is None or repr(teacher_load_visual) == repr(load_visual):
+        v_out, kept = encode_items(both, split, load_visual, 64, on_error=on_error, ledger=ledger, where="val")
+    else:  # two loaders, two reads; a file unreadable for one is unreadable for the other
+        s_out, kept = encode_items(
+            lambda *x: student.encode_visual(*x).float().cpu(), split, load_visual, 64,
+            on_error=on_error, ledger=ledger, where="val",
+        )  # fmt: skip
+        t_out, t_kept = encode_items(
+            lambda *x: teacher.encode_visual(*x).to(device="cpu"), split, teacher_load_visual, 64,
+            on_error=on_error, ledger=ledger, where="val",
+        )  # fmt: skip
+        if not torch.equal(torch.as_tensor(kept), torch.as_tensor(t_kept)):
+            raise RuntimeError("the student's and the teacher's loaders read different val items")
+        v_out = [(torch.cat(s_out), VisualTokens.cat(t_out))]
     if len(kept) < split.n_items:
         full, split = split, split.select_items(kept.tolist())
         print(

@@ -49,6 +49,9 @@ Distill = _modes("Distill", ["none", "swap", "inbatch", "listwise", "group"])  #
 TeacherNorm = _modes("TeacherNorm", ["length", "sum", "zscore"])  # fastslow.losses TEACHER_NORMS
 IndexKind = _modes("IndexKind", ["flat", "ivf", "ivfpq", "hnsw"])  # fastslow.index KINDS
 CombinerMode = _modes("CombinerMode", ["slow", "fuse"])  # fastslow.combiner MODES
+Interpolation = _modes(
+    "Interpolation", ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+)  # fastslow.data INTERPOLATIONS
 
 
 def key(
@@ -67,6 +70,22 @@ def key(
 
 
 # ---------------------------------------------------------------------------------------------- sections
+@dataclass
+class AugmentConfig:
+    """`data.augment`: the training loader of image datasets (`fastslow.data.AugmentingImageLoader`). Off for the
+    built-in shapes (a crop can cut an object out of a caption; its minimal pairs hinge on exact layouts) and
+    for video (clip features); on for real photos (flickr, coco). Evaluation is never augmented."""
+
+    enabled: bool = False  # false: training reads items exactly as evaluation does
+    # Area fraction and aspect ratio of the random crop (BLIP / ALBEF fine-tune with area (0.5, 1)).
+    crop_scale: list[float] = key(default_factory=lambda: [0.5, 1.0], gt=0, le=1)
+    crop_ratio: list[float] = key(default_factory=lambda: [0.75, 1.3333], gt=0)
+    color_jitter: float = key(0.4, ge=0)  # brightness / contrast / saturation strength; 0: off
+    # Probability of a horizontal flip, which swaps "left" and "right" in the caption (fastslow.data.swap_left_right);
+    # 0: never flip.
+    hflip: float = key(0.5, ge=0, le=1)
+
+
 @dataclass
 class DataConfig:
     """`data`: the dataset reader and its files. Below `num_workers`, keys only some datasets read
@@ -95,6 +114,7 @@ class DataConfig:
     feature_dim: int | None = key(None, ge=1)
     max_frames: int | None = key(None, ge=1)
     n_val: int | None = key(None, ge=1)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # generated datasets: the generator's keyword arguments, checked against ShapesGenerate /
     # ShapesVideoGenerate below (a typed Union of sections is not something OmegaConf supports)
     generate: dict[str, Any] | None = None
@@ -123,6 +143,11 @@ class TeacherConfig:
     cross_attn: CrossAttn | None = MISSING
     directions: int | None = key(ge=1, le=2)
     pretrained_path: str | None = MISSING
+    # The image loader feeding the teacher; null: its backbone's own (timm.data.resolve_model_data_config), so a
+    # pretrained backbone sees pixels normalised as in its training. Three values each (RGB, in [0, 1] units).
+    image_mean: list[float] | None = key(None, ge=0, le=1)
+    image_std: list[float] | None = key(None, gt=0)
+    image_interpolation: Interpolation | None = None
 
 
 @dataclass
@@ -138,6 +163,10 @@ class StudentConfig:
     video_frame_diff: bool | None = MISSING
     image_pretrained_path: str | None = MISSING
     text_pretrained_path: str | None = MISSING
+    # The image loader feeding the student (as teacher.image_*): null = its backbone's (ViT-B/16: mean / std 0.5).
+    image_mean: list[float] | None = key(None, ge=0, le=1)
+    image_std: list[float] | None = key(None, gt=0)
+    image_interpolation: Interpolation | None = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fastslow.artefacts import atomic_write_json, check_stamp, load_weights, read_json, read_safetensors
 from fastslow.config import ConfigError, load_saved_config, save_config, to_kwargs
 from fastslow.data import (
+    AugmentingImageLoader,
     FeatureLoader,
     ImageLoader,
     RetrievalSplit,
@@ -254,10 +255,25 @@ def finish_skips(ledger: SkipLedger, directory: Path, accelerator=None) -> None:
             print(f"left out by this run (data.on_error=skip): {ledger.report()}; list in {path}", flush=True)
 
 
-def visual_loader(cfg: DictConfig):
-    """The per-item loader: images -> [3, S, S]; video features -> ([T, D], [T])."""
+def visual_loader(cfg: DictConfig, model: torch.nn.Module | None = None, train: bool = False):
+    """The per-item loader of the model it feeds: images -> [3, S, S] with that model's mean / std and filter
+    (`model.data_config`: its backbone's, or the recipe's `*.image_*` overrides); video features -> ([T, D], [T]).
+
+    The teacher and the student each get their own (a ViT student wants mean / std 0.5, a ResNet teacher
+    ImageNet's). Without a model: ImageNet statistics and bicubic resampling (the loader of earlier versions).
+    ``train=True`` gives the training loader: `AugmentingImageLoader` under `data.augment.enabled`, else the same
+    deterministic loader as evaluation (every pass but the training one reads items unaugmented).
+    """
     if modality(cfg) == "image":
-        return ImageLoader(cfg.data.image_size)
+        data_config = getattr(model, "data_config", None) or {"image_size": cfg.data.image_size}
+        if data_config["image_size"] != cfg.data.image_size:
+            raise ConfigError(
+                f"the model is built for {data_config['image_size']}px images but data.image_size="
+                f"{cfg.data.image_size}: build it from this recipe"
+            )
+        if train and cfg.data.augment.enabled:
+            return AugmentingImageLoader(**data_config, **to_kwargs(cfg.data.augment, drop=("enabled",)))
+        return ImageLoader(**data_config)
     return FeatureLoader(cfg.data.max_frames, feature_dim=cfg.data.feature_dim)
 
 
@@ -424,10 +440,11 @@ def save_run_config(cfg: DictConfig, directory: Path, model: torch.nn.Module | N
 
 def prepare_training(
     cfg: DictConfig, accelerator, ledger: SkipLedger | None = None
-) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer, Any]:
+) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer]:
     """What both training stages start from: the config shown, the data in place, the train and val
-    splits (their load-time drops recorded in `ledger`; val cut to `eval.val_items` items, a fixed sample), the
-    run's tokenizer and the item loader."""
+    splits (their load-time drops recorded in `ledger`; val cut to `eval.val_items` items, a fixed sample) and the
+    run's tokenizer. The item loader is the model's (`visual_loader(cfg, model)`), so it is made once the model is
+    built."""
     print_config(cfg, accelerator)
     ensure_shapes(cfg, accelerator)
     train, full_val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
@@ -438,7 +455,7 @@ def prepare_training(
             f"({val.n_texts} of {full_val.n_texts} captions; eval.val_items={cfg.eval.val_items})",
             flush=True,
         )
-    return train, val, get_tokenizer(cfg, train, accelerator), visual_loader(cfg)
+    return train, val, get_tokenizer(cfg, train, accelerator)
 
 
 def print_config(cfg: DictConfig, accelerator=None) -> None:

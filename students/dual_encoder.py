@@ -34,6 +34,8 @@ from timm.layers import AttentionPool2d
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
+from fastslow.data.loaders import resolve_image_config
+
 from . import register_student
 
 __all__ = ["DualEncoder", "DualEncoderConfig", "dual_encoder_tiny", "dual_encoder_small", "dual_encoder_base"]
@@ -54,6 +56,11 @@ class DualEncoderConfig:
     image_global_pool: str = "avg"  # timm global pooling ("avg"; "token" = CLS token for ViTs), "flatten" or "attn"
     image_output_stride: int | None = None  # CNNs: timm output_stride (16/8 dilate the last stages: a finer final map)
     image_pretrained_path: str | None = None  # local timm weights file (.safetensors/.pth); None = random init
+    # Pixel statistics and resampling filter the image loader uses for this tower; None = the backbone's own, as timm
+    # resolves them (ViT-B/16: mean / std 0.5; ResNets: ImageNet's), so pretrained weights see the pixels they know.
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    image_interpolation: str | None = None  # nearest | bilinear | bicubic | lanczos | box | hamming
     # Video tower
     feature_dim: int = 1024  # D of the precomputed clip features (VATEX I3D: 1024)
     max_frames: int = 64  # longest T accepted; size of the learned temporal position table
@@ -139,6 +146,9 @@ class ImageTower(nn.Module):
                 heads = max(1, channels // 64)
                 self.attn_pool = AttentionPool2d(channels, feat_size=(h, w), out_features=channels, num_heads=heads)
         self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
+        self.data_config = resolve_image_config(
+            self.backbone, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_interpolation
+        )
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Args: pixels [B, 3, H, W] normalised. Returns: [B, E], not normalised."""
@@ -304,6 +314,11 @@ class DualEncoder(nn.Module):
         self.text = TextTower(cfg)
         # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+
+    @property
+    def data_config(self) -> dict[str, Any] | None:
+        """`ImageLoader` keyword arguments for this student's image tower (`resolve_image_config`); None for video."""
+        return self.visual.data_config if self.modality == "image" else None
 
     def _require(self, modality: str) -> None:
         if self.modality != modality:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from fastslow.data.loaders import resolve_image_config
 from teachers import register_teacher
 from teachers.tokens import VisualTokens
 
@@ -73,6 +74,11 @@ class CaptionerConfig:
     out_indices: tuple[int, ...] = (2, 3, 4)  # image: timm feature levels (fine -> coarse; ResNet strides 8/16/32)
     image_size: int = 64  # image: input side in pixels; fixes the token grid sizes that `score` slices by
     pretrained_path: str | None = None  # image: local backbone checkpoint (never a hub download)
+    # image: pixel statistics and resampling filter of the image loader feeding this teacher; None = the backbone's
+    # own, as timm resolves them (ResNet-50: ImageNet's), so pretrained weights see the pixels they were trained on.
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    image_interpolation: str | None = None  # nearest | bilinear | bicubic | lanczos | box | hamming
     feature_dim: int = 1024  # video: clip feature width D_in (I3D: 1024)
     temporal_pool: tuple[int, ...] = (4, 2, 1)  # video: pooling factor per temporal scale, coarse -> fine
     temporal_depth: int = 1  # video: transformer layers over frames before pooling
@@ -357,6 +363,9 @@ class PyramidEncoder(nn.Module):
         self.backbone.train(was_training)
         self.level_grids = [tuple(m.shape[-2:]) for m in maps[::-1]]
         self.image_size = cfg.image_size
+        self.data_config = resolve_image_config(
+            self.backbone, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_interpolation
+        )
 
     @property
     def scale_sizes(self) -> list[int]:
@@ -520,6 +529,11 @@ class Captioner(nn.Module):
         self.layer_scales = [g for g, depth in zip(groups, cfg.group_depths) for _ in range(depth)]
         self.layer_groups = [g for g, depth in enumerate(cfg.group_depths) for _ in range(depth)]
         self._init_weights()
+
+    @property
+    def data_config(self) -> dict[str, Any] | None:
+        """`ImageLoader` keyword arguments for this teacher's backbone (`resolve_image_config`); None for video."""
+        return self.visual.data_config if self.modality == "image" else None
 
     def _init_weights(self) -> None:
         # The backbone keeps timm's own initialisation (or its checkpoint).

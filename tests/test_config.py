@@ -142,6 +142,15 @@ ISSUE_13_BAD = [
     ("data.split_file=/data/split.json", "does not read it"),  # shapes is an image dataset
     ("loss.gather=maybe", "bool"),
     ("eval.val_items=0", ">= 1"),
+    ("student.image_mean=[0.5,0.5]", "give 3 values"),
+    ("teacher.image_std=[0.5,0,0.5]", "> 0"),
+    ("student.image_mean=[128,128,128]", "in [0, 1]"),
+    ("teacher.image_interpolation=cubic", "bicubic"),
+    ("data.augment.crop_scale=[0.9,0.5]", "low <= high"),
+    ("data.augment.crop_scale=[0.5]", "[low, high]"),
+    ("data.augment.crop_scale=[0,1]", "> 0"),
+    ("data.augment.hflip=1.5", "in [0, 1]"),
+    ("data.augment.color_jitter=-1", ">= 0"),
 ]
 
 
@@ -269,7 +278,7 @@ def test_generate_schema_matches_the_generator_signature(dataset):
 def test_mode_enums_equal_the_library_values():
     """The schema's enums are the values the library accepts (its tuples, and what the builders take)."""
     from fastslow import combiner, distill, index, losses, stages
-    from fastslow.data import ON_ERROR
+    from fastslow.data import INTERPOLATIONS, ON_ERROR
     from fastslow.data.karpathy import KARPATHY_SPLITS
     from students import create_student
     from teachers import CaptionerConfig
@@ -283,6 +292,7 @@ def test_mode_enums_equal_the_library_values():
     assert values(schema.CombinerMode) == set(combiner.MODES)
     assert values(schema.OnError) == set(ON_ERROR)
     assert values(schema.Split) == set(KARPATHY_SPLITS)
+    assert values(schema.Interpolation) == set(INTERPOLATIONS)
     assert values(schema.Dataset) == set(stages.IMAGE_DATASETS + stages.VIDEO_DATASETS) == set(schema.DATASET_KEYS)
     for mode in values(schema.CrossAttn):
         CaptionerConfig(cross_attn=mode)

@@ -48,7 +48,8 @@ def main(argv=None) -> None:
     stages.ensure_shapes(cfg, acc)
     ledger = SkipLedger()  # what this run leaves out under data.on_error=skip
     split = stages.load_split(cfg, cfg.eval.split, ledger)
-    load_visual = stages.visual_loader(cfg)
+    # Each model reads the items as it was trained to: its own backbone's mean / std and resampling.
+    load_visual = stages.visual_loader(cfg, student)
     student.to(acc.device)
     visual = stages.visual_stamp(cfg)
 
@@ -115,12 +116,13 @@ def main(argv=None) -> None:
         # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
         t0 = time.perf_counter()
         teacher.to(acc.device)
+        teacher_load = stages.visual_loader(cfg, teacher)  # the teacher's own mean / std, as in its training
         # Only the items the student read are left. One that fails now (changed since) keeps its row, as a
         # placeholder the store lists and refuses to score, so that row i of the tokens stays item i of the index.
         unread: dict[int, str] = {}
         with torch.no_grad():
             chunks = teacher_token_rows(
-                teacher, split, load_visual, cfg.index.batch_size, acc.device, on_error=cfg.data.on_error,
+                teacher, split, teacher_load, cfg.index.batch_size, acc.device, on_error=cfg.data.on_error,
                 ledger=ledger, where="index tokens", left_out=unread)  # fmt: skip
             TokenStore.write(
                 out / "tokens",

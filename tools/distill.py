@@ -60,15 +60,19 @@ def main(argv=None) -> None:
     # Every pass that reads items (load checks, token store, miner, validation, training) records in this one
     # ledger what it leaves out under data.on_error=skip; the trainer reports it at the end of the run.
     ledger, on_error = SkipLedger(), cfg.data.on_error
-    train, val, tok, load_visual = stages.prepare_training(cfg, acc, ledger)
+    train, val, tok = stages.prepare_training(cfg, acc, ledger)
     student = stages.build_student(cfg, tok)
+    load_visual = stages.visual_loader(cfg, student)  # the student's backbone's mean / std (ViT-B/16: 0.5)
     acc.print(
         f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
         f"distillation: {mode}"
     )
 
     batcher, checkpoint_objects, teacher_directions, composer = DistillBatcher("none"), [], 2, None
-    dataset = PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=on_error)
+    # Training pairs augmented under data.augment.enabled; every other pass (mining, tokens, validation) reads them
+    # plain.
+    train_load = stages.visual_loader(cfg, student, train=True)
+    dataset = PairDataset(train, train_load, tok, cfg.data.max_length, on_error=on_error)
     if mode != "none" and cfg.loss.oracle:
         # The student's ceiling: targets from the generator's ground truth instead of a teacher (shapes only).
         from fastslow.data.shapes import GroundTruth
@@ -88,7 +92,7 @@ def main(argv=None) -> None:
             teacher.to(acc.device),
             teacher_hash,
             train,
-            load_visual,
+            stages.visual_loader(cfg, teacher),  # the teacher reads the items as it was trained to (its mean / std)
             tok,
             cfg.data.max_length,
             cache_dir / "teacher_tokens_train",

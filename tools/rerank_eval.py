@@ -125,7 +125,8 @@ def main(argv=None) -> None:
                     "pq_m": cfg.index.pq_m, "hnsw_m": cfg.index.hnsw_m, "ef_search": cfg.index.ef_search,
                     "seed": cfg.seed}  # fmt: skip
         tuned, val = tune_on_split(
-            student, teacher, tok, stages.load_split(cfg, "val", ledger), stages.visual_loader(cfg), ks=asked,
+            student, teacher, tok, stages.load_split(cfg, "val", ledger), stages.visual_loader(cfg, student), ks=asked,
+            teacher_load_visual=stages.visual_loader(cfg, teacher),
             max_length=ml, text_batch=tb, index_kw=index_kw, min_gain=cfg.combiner.min_gain,
             on_error=cfg.data.on_error, ledger=ledger)  # fmt: skip
         for k, t in tuned.items():

@@ -33,8 +33,9 @@ def main(argv=None) -> None:
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
     ledger = SkipLedger()  # what load checks, validation and training leave out under data.on_error=skip
-    train, val, tok, load_visual = stages.prepare_training(cfg, acc, ledger)
+    train, val, tok = stages.prepare_training(cfg, acc, ledger)
     teacher = stages.build_teacher(cfg, tok)
+    load_visual = stages.visual_loader(cfg, teacher)  # the teacher's backbone's mean / std and resampling
     acc.print(
         f"teacher {cfg.teacher.name}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters; "
         f"train {train.n_items} items / {train.n_texts} captions, val {val.n_items} / {val.n_texts}"
@@ -71,7 +72,9 @@ def main(argv=None) -> None:
     acc.wait_for_everyone()
     trainer = Trainer(
         CaptioningObjective(teacher),
-        PairDataset(train, load_visual, tok, cfg.data.max_length, on_error=cfg.data.on_error),
+        PairDataset(
+            train, stages.visual_loader(cfg, teacher, train=True), tok, cfg.data.max_length, on_error=cfg.data.on_error
+        ),
         collate_fn=collate,
         out_dir=out,
         cfg=train_cfg,

@@ -16,12 +16,16 @@ from fastslow.data.karpathy import KARPATHY_SPLITS, load_karpathy
 from fastslow.data.loaders import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    INTERPOLATIONS,
+    AugmentingImageLoader,
     FeatureLoader,
     ImageLoader,
     fit_frames,
     read_features,
     read_image_rgb,
     resize_center_crop,
+    resolve_image_config,
+    swap_left_right,
     to_rgb,
 )
 from fastslow.data.skips import SKIP_FILE, SkipLedger, captions_per_path, gather_ledger, reason_of
@@ -51,7 +55,11 @@ __all__ = [
     "vatex_retrieval_split",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
+    "INTERPOLATIONS",
     "ImageLoader",
+    "AugmentingImageLoader",
+    "swap_left_right",
+    "resolve_image_config",
     "FeatureLoader",
     "read_image_rgb",
     "to_rgb",

@@ -16,6 +16,7 @@ a run's account of every distinct file, over all its passes and processes, is `f
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fastslow.data.loaders import swap_left_right
 from fastslow.errors import DataError
 
 __all__ = [
@@ -267,6 +269,10 @@ class PairDataset(Dataset):
 
     A sample is ``{"visual", "input_ids" [L] long, "attention_mask" [L] long, "item_index": int,
     "text_index": int}``.
+
+    Horizontal flips: when ``load_visual`` has ``hflip > 0`` (`AugmentingImageLoader`), each sample is mirrored with
+    that probability (``load_visual(path, flip=True)``) and then carries the tokens of its caption with "left" and
+    "right" swapped (`swap_left_right`, tokenised once here too), so that the pair stays true.
     """
 
     def __init__(
@@ -281,6 +287,17 @@ class PairDataset(Dataset):
         self.load_visual = load_visual
         self.on_error = check_on_error(on_error)
         self.input_ids, self.attention_mask = _tokenize_all(tokenizer, split.captions, max_length)
+        self.hflip = float(getattr(load_visual, "hflip", 0.0))
+        if self.hflip > 0:
+            mirrored = [swap_left_right(c) for c in split.captions]
+            ids, mask = _tokenize_all(tokenizer, mirrored, max_length)
+            width = max(ids.shape[1], self.input_ids.shape[1])
+            self.input_ids, self.attention_mask = (
+                F.pad(self.input_ids, (0, width - self.input_ids.shape[1]), value=tokenizer.pad_id),
+                F.pad(self.attention_mask, (0, width - self.attention_mask.shape[1]), value=False),
+            )
+            self.flipped_ids = F.pad(ids, (0, width - ids.shape[1]), value=tokenizer.pad_id)
+            self.flipped_mask = F.pad(mask, (0, width - mask.shape[1]), value=False)
 
     def __len__(self) -> int:
         return self.split.n_texts
@@ -288,14 +305,18 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.split.text_to_visual[index]
         path = self.split.item_paths[item]
-        visual, skipped = _load_or_skip(self.load_visual, path, self.on_error)
+        # torch's generator: seeded by set_seed in the main process and per worker by the DataLoader.
+        flip = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
+        load = functools.partial(self.load_visual, flip=True) if flip else self.load_visual
+        visual, skipped = _load_or_skip(load, path, self.on_error)
         if skipped is not None:
             return skipped
+        ids, mask = (self.flipped_ids, self.flipped_mask) if flip else (self.input_ids, self.attention_mask)
         return {
             "visual": visual,
             # Stored compactly (int32 / bool) for a 600k-caption split; the models expect long.
-            "input_ids": self.input_ids[index].long(),
-            "attention_mask": self.attention_mask[index].long(),
+            "input_ids": ids[index].long(),
+            "attention_mask": mask[index].long(),
             "item_index": item,
             "text_index": index,
         }

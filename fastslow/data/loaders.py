@@ -8,7 +8,9 @@ which the datasets either propagate or record, depending on ``on_error``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -21,8 +23,12 @@ from fastslow.errors import DataError
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
+    "INTERPOLATIONS",
     "ImageLoader",
+    "AugmentingImageLoader",
+    "swap_left_right",
     "FeatureLoader",
+    "resolve_image_config",
     "read_image_rgb",
     "to_rgb",
     "resize_center_crop",
@@ -33,6 +39,9 @@ __all__ = [
 # Same values as timm.data.IMAGENET_DEFAULT_*; copied so that loading data does not import timm.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+# PIL resampling filters by timm's names (`timm.data.resolve_model_data_config` reports one of these).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 _SKIP_HINT = "replace the file or set data.on_error=skip to drop it"
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -46,9 +55,10 @@ class ImageLoader:
 
     Steps: decode with PIL (truncated files are errors, whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says),
     apply the EXIF orientation, convert any mode to RGB (`to_rgb`), resize the shorter side to S with
-    bicubic (antialiased) resampling and take the centre S x S crop (`resize_center_crop`; the usual
-    evaluation transform of ImageNet-pretrained backbones: no distortion of the aspect ratio, the centre
-    of the scene kept), then ``(x / 255 - mean) / std``.
+    the backbone's (antialiased) resampling filter and take the centre S x S crop (`resize_center_crop`; the
+    usual evaluation transform of pretrained backbones: no distortion of the aspect ratio, the centre of the
+    scene kept), then ``(x / 255 - mean) / std``. Size, mean / std and filter come from the model the pixels
+    feed (`resolve_image_config`), so a ViT trained on mean / std 0.5 is not handed ImageNet-normalised pixels.
 
     JPEGs are decoded with PIL's draft mode (DCT-domain downscaling by 1/2, 1/4 or 1/8, never below S on
     either side), which makes decoding COCO-sized photos for S=224 several times faster.
@@ -57,6 +67,7 @@ class ImageLoader:
         image_size: S, the output height and width.
         mean: per-channel mean of the backbone (RGB, in [0, 1]).
         std: per-channel standard deviation of the backbone.
+        interpolation: the resampling filter, one of `INTERPOLATIONS` (timm's names).
     """
 
     def __init__(
@@ -64,12 +75,19 @@ class ImageLoader:
         image_size: int,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str = "bicubic",
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean={tuple(mean)}, std={tuple(std)}: expected 3 values each, every std > 0")
         self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.interpolation = interpolation
+        self.mean_values, self.std_values = tuple(float(m) for m in mean), tuple(float(v) for v in std)
+        self.mean = torch.tensor(self.mean_values, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(self.std_values, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, path: str | os.PathLike) -> torch.Tensor:
         """Load ``path``.
@@ -80,12 +98,157 @@ class ImageLoader:
         Raises:
             DataError: the file is missing, empty, not an image, truncated or corrupt.
         """
-        image = resize_center_crop(read_image_rgb(path, draft_size=self.image_size), self.image_size)
+        image = read_image_rgb(path, draft_size=self.image_size)
+        return self.normalise(resize_center_crop(image, self.image_size, self.interpolation))
+
+    def normalise(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image -> ``[3, H, W]`` float, ``(x / 255 - mean) / std``."""
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         return pixels.sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
-        return f"ImageLoader(image_size={self.image_size})"
+        return (
+            f"ImageLoader(image_size={self.image_size}, mean={self.mean_values}, std={self.std_values}, "
+            f"interpolation={self.interpolation!r})"
+        )
+
+
+class AugmentingImageLoader(ImageLoader):
+    """The training loader for real photos: random resized crop, colour jitter and, optionally, a horizontal flip.
+
+    The crop and the jitter are timm's own training transform (`timm.data.create_transform(is_training=True)`,
+    fed our decoded RGB image so that bad files still raise `DataError` naming them). The flip is not timm's: it is
+    decided by `PairDataset`, which swaps "left" and "right" in the caption of a flipped image (`swap_left_right`),
+    since a mirrored "a dog left of a cat" is a wrong pair. Evaluation never uses this loader (deterministic
+    `ImageLoader`).
+
+    JPEG draft decoding is kept, at the side that leaves the smallest crop (area ``crop_scale[0]``) at least S pixels
+    wide: decoding at S alone would make every crop an upscale of fewer than S pixels.
+
+    Args:
+        image_size, mean, std, interpolation: as `ImageLoader` (the model's, `resolve_image_config`).
+        crop_scale: range of the crop's area as a fraction of the image (BLIP / ALBEF fine-tune with (0.5, 1)).
+        crop_ratio: range of the crop's aspect ratio, before it is resized to S x S.
+        color_jitter: brightness / contrast / saturation strength (0: off).
+        hflip: probability that `PairDataset` flips a sample (0: never).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str = "bicubic",
+        *,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        color_jitter: float = 0.4,
+        hflip: float = 0.0,
+    ) -> None:
+        super().__init__(image_size, mean, std, interpolation)
+        from timm.data import create_transform  # here: reading data for evaluation must not import timm
+
+        if not (0 < crop_scale[0] <= crop_scale[1] <= 1) or not (0 < crop_ratio[0] <= crop_ratio[1]):
+            raise ValueError(f"crop_scale={tuple(crop_scale)} / crop_ratio={tuple(crop_ratio)}: expected 0 < lo <= hi")
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"hflip={hflip}: a probability, in [0, 1]")
+        self.hflip = float(hflip)
+        self.crop_scale, self.crop_ratio, self.color_jitter = tuple(crop_scale), tuple(crop_ratio), float(color_jitter)
+        self.draft_size = math.ceil(self.image_size / math.sqrt(self.crop_scale[0]))
+        self.transform = create_transform(
+            input_size=self.image_size,
+            is_training=True,
+            scale=self.crop_scale,
+            ratio=self.crop_ratio,
+            hflip=0.0,  # ours, with the caption (see the class docstring)
+            vflip=0.0,
+            color_jitter=self.color_jitter,
+            interpolation=self.interpolation,
+            mean=self.mean_values,
+            std=self.std_values,
+            re_prob=0.0,
+        )
+
+    def __call__(self, path: str | os.PathLike, flip: bool = False) -> torch.Tensor:
+        """Load ``path`` with a random crop and jitter, mirrored if ``flip``.
+
+        Returns:
+            Float tensor ``[3, S, S]``, normalised.
+
+        Raises:
+            DataError: as `ImageLoader`.
+        """
+        image = read_image_rgb(path, draft_size=self.draft_size)
+        if flip:
+            image = ImageOps.mirror(image)
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return (
+            f"AugmentingImageLoader(image_size={self.image_size}, crop_scale={self.crop_scale}, "
+            f"crop_ratio={self.crop_ratio}, color_jitter={self.color_jitter}, hflip={self.hflip})"
+        )
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """The caption of the mirrored image: "left" <-> "right" (also -most, -ward, -wards), keeping the case.
+
+    "right" in the sense of "correct" ("all right") is swapped too; captions of photos rarely use it, and a caption
+    whose words are kept while the picture is mirrored would be the worse error.
+    """
+
+    def swap(m: re.Match) -> str:
+        word = m.group(1)
+        new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            new = new.upper()
+        elif word[0].isupper():
+            new = new.capitalize()
+        return new + (m.group(2) or "")
+
+    return _LEFT_RIGHT.sub(swap, text)
+
+
+def resolve_image_config(
+    backbone,
+    image_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+) -> dict:
+    """The `ImageLoader` arguments a timm backbone expects: its mean / std and resampling filter, as timm's
+    `resolve_model_data_config` reads them from the backbone's pretrained config, each overridable.
+
+    The size stays the caller's (the recipe's ``data.image_size``, which the model is built for, and which every
+    token store and index is stamped with); timm's ``crop_pct`` is not applied: retrieval evaluates on the
+    shorter side resized to S and centre-cropped (CLIP, BLIP), since a caption may name what sits at the border.
+    Our own loader is kept rather than ``timm.data.create_transform`` for evaluation for its JPEG draft decode
+    (DCT-domain downscaling: several times faster on COCO-sized photos) and its `DataError` naming the file.
+
+    Args:
+        backbone: a timm model (``features_only`` wrappers included).
+        image_size: S.
+        mean, std, interpolation: overrides (the recipe's ``*.image_mean`` / ``image_std`` / ``image_interpolation``);
+            None takes the backbone's.
+
+    Returns:
+        ``{"image_size", "mean", "std", "interpolation"}``, the keyword arguments of `ImageLoader`.
+    """
+    from timm.data import resolve_model_data_config  # here: reading data must not import timm
+
+    resolved = resolve_model_data_config(backbone)
+    interp = interpolation or resolved["interpolation"]
+    if interp not in INTERPOLATIONS:  # timm also knows "random" (training only): evaluate with its usual bicubic
+        interp = "bicubic"
+    return {
+        "image_size": int(image_size),
+        "mean": tuple(float(v) for v in (mean if mean is not None else resolved["mean"])),
+        "std": tuple(float(v) for v in (std if std is not None else resolved["std"])),
+        "interpolation": interp,
+    }
 
 
 def read_image_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
@@ -207,12 +370,13 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased), then crop the centre ``size x size``.
+def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Resize so the shorter side is ``size`` (antialiased), then crop the centre ``size x size``.
 
     Args:
         image: a PIL image.
         size: the output side.
+        interpolation: the resampling filter, one of `INTERPOLATIONS`.
 
     Returns:
         A ``size x size`` PIL image.
@@ -221,7 +385,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(width, height)
     new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
     if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        image = image.resize((new_width, new_height), Image.Resampling[interpolation.upper()])
     left, top = (new_width - size) // 2, (new_height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
