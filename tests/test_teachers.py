@@ -403,7 +403,9 @@ def test_decoder_weights_get_the_captioner_initialisation():
     # _init_weights: normal(0.02) weights and zero biases for every Linear outside the backbone (PyTorch's
     # default would give uniform non-zero biases); a refactor once left the call unreachable.
     teacher = create_teacher("captioner_tiny", modality="image", vocab_size=VOCAB, max_length=MAX_LEN)
-    linears = [m for n, m in teacher.named_modules() if isinstance(m, nn.Linear) and not n.startswith("visual.backbone")]
+    linears = [
+        m for n, m in teacher.named_modules() if isinstance(m, nn.Linear) and not n.startswith("visual.backbone")
+    ]
     assert linears and all(torch.count_nonzero(m.bias) == 0 for m in linears if m.bias is not None)
     std = torch.cat([m.weight.flatten() for m in linears]).std()
     assert 0.015 < std < 0.025  # PyTorch's default for these widths (fan-in 32-64) is ~0.1
