@@ -79,10 +79,31 @@ def visual_stamp(cfg: DictConfig) -> dict[str, Any]:
     return {"data.max_frames": cfg.data.max_frames, "data.feature_dim": cfg.data.feature_dim}
 
 
+def tokenizer_source(cfg: DictConfig) -> str | None:
+    """Where the run's tokenizer comes from: `tokenizer.path`; else, for a student whose text tower is pretrained
+    (`student.text_pretrained_path`), the tokenizer saved with that tower (its Hugging Face directory); else None (one
+    is trained on the captions)."""
+    if cfg.tokenizer.path:
+        return str(cfg.tokenizer.path)
+    if cfg.student.text_pretrained_path:
+        from fastslow.pretrained import resolve_text_dir
+
+        directory = resolve_text_dir(cfg.student.text_pretrained_path)
+        if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+            raise ConfigError(
+                f"student.text_pretrained_path={cfg.student.text_pretrained_path}: no tokenizer.json or vocab.txt in "
+                f"{directory}, and tokenizer.path is null: set tokenizer.path to the tokenizer this text tower was "
+                f"trained with (a tokenizer trained on the captions would feed it ids it does not know)"
+            )
+        return str(directory)
+    return None
+
+
 def tokenizer_stamp(cfg: DictConfig) -> dict[str, Any]:
     """The recipe's `tokenizer.*` settings that decide `${output_dir}/tokenizer.json`. A pretrained tokenizer
-    (tokenizer.path) keeps its own vocabulary, so vocab_size only counts for one trained here."""
-    path = cfg.tokenizer.path
+    (tokenizer.path, or the text tower's own) keeps its own vocabulary, so vocab_size only counts for one trained
+    here."""
+    path = tokenizer_source(cfg)
     return {"tokenizer.path": path, "tokenizer.vocab_size": None if path else int(cfg.tokenizer.vocab_size)}
 
 
@@ -285,8 +306,12 @@ def tokenizer_path(cfg: DictConfig) -> Path:
 
 
 def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerator=None) -> TextTokenizer:
-    """The run's tokenizer: a local pretrained one (tokenizer.path), or one trained on the training
-    captions once and saved as `${output_dir}/tokenizer.json` for every later stage to reuse.
+    """The run's tokenizer: a local pretrained one (tokenizer.path; by default, with a pretrained text tower, the one
+    in `student.text_pretrained_path`), or one trained on the training captions once and saved as
+    `${output_dir}/tokenizer.json` for every later stage to reuse.
+
+    A pretrained text tower is checked against the tokenizer here, before any model is built or trained
+    (`fastslow.pretrained.check_text_tokenizer`): a trained 8k tokenizer or another model's vocabulary is refused.
 
     The file is stamped with the `tokenizer.*` settings it was made with (`tokenizer.stamp.json`); an existing one
     made with other settings, or with no stamp, is refused rather than reused (every model built on it would
@@ -294,13 +319,15 @@ def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerat
 
     Raises:
         StaleArtefactError: `${output_dir}/tokenizer.json` was made with other `tokenizer.*` settings (named).
+        ConfigError: the tokenizer is not the one of `student.text_pretrained_path`.
     """
     path = tokenizer_path(cfg)
     wanted = tokenizer_stamp(cfg)
+    source = wanted["tokenizer.path"]
     if not path.is_file():
         if accelerator is None or accelerator.is_main_process:
-            if cfg.tokenizer.path:
-                tok = load_pretrained_tokenizer(cfg.tokenizer.path)
+            if source:
+                tok = load_pretrained_tokenizer(source)
             else:
                 if train_split is None:
                     raise FileNotFoundError(f"{path} not found: run tools/train_teacher.py recipe={cfg.recipe} first")
@@ -315,7 +342,12 @@ def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerat
         f"the teacher and student of {cfg.output_dir} were built on the old one and must then be retrained"
     )
     check_stamp(path.resolve(), wanted, fix)
-    return TextTokenizer.from_file(path)
+    tok = TextTokenizer.from_file(path)
+    if cfg.student.text_pretrained_path:
+        from fastslow.pretrained import check_text_tokenizer
+
+        check_text_tokenizer(cfg.student.text_pretrained_path, tok, source or f"{path} (trained on the captions)")
+    return tok
 
 
 # ---------------------------------------------------------------- models

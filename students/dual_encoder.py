@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -35,6 +34,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from fastslow.data.loaders import resolve_image_config
+from fastslow.errors import CheckpointError
+from fastslow.pretrained import create_timm_backbone, resolve_text_dir
 
 from . import register_student
 
@@ -76,7 +77,8 @@ class DualEncoderConfig:
     text_depth: int = 4  # BERT layers (ignored when text_pretrained_path is set)
     text_heads: int = 4  # BERT attention heads (ignored when text_pretrained_path is set)
     text_pool: str = "mean"  # "mean": mean over real tokens; "first": the first token (BOS / [CLS])
-    text_pretrained_path: str | None = None  # local transformers dir (save_pretrained); None = built from config
+    # local Hugging Face model dir (save_pretrained, Hub or sentence-transformers snapshot); None = built from config
+    text_pretrained_path: str | None = None
     # A transformers config (its to_dict()) to build the text encoder from, without weights: how a trained student
     # whose text tower came from text_pretrained_path is rebuilt once that directory is gone (its weights are in the
     # student's own checkpoint; fastslow.stages saves this as text_config.json). Takes precedence over the path.
@@ -108,12 +110,6 @@ class ImageTower(nn.Module):
         # ViTs size their position table from img_size; CNNs take any resolution and reject the argument.
         if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
             kwargs["img_size"] = cfg.image_size
-        if cfg.image_pretrained_path:
-            path = Path(cfg.image_pretrained_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"image_pretrained_path={path}: no such weights file")
-            # timm's own local-file route: it drops the classifier (num_classes=0) and adapts pos embeds.
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         if cfg.image_output_stride is not None:
             kwargs["output_stride"] = cfg.image_output_stride
         # "flatten" keeps the final feature map's layout (which object is where), which average pooling
@@ -123,8 +119,15 @@ class ImageTower(nn.Module):
         # sum instead of a fixed-layout linear (flatten), which is both smaller and order-aware.
         self.pool = cfg.image_global_pool
         own_pool = self.pool in ("flatten", "attn")
-        self.backbone = timm.create_model(
-            cfg.image_backbone, num_classes=0, global_pool="" if own_pool else self.pool, **kwargs
+        # A local timm checkpoint (image_pretrained_path) is loaded by timm, which drops the classifier
+        # (num_classes=0) and adapts position embeddings; the file is checked to fit (fastslow.pretrained).
+        self.backbone = create_timm_backbone(
+            cfg.image_backbone,
+            cfg.image_pretrained_path,
+            key="student.image_pretrained_path",
+            num_classes=0,
+            global_pool="" if own_pool else self.pool,
+            **kwargs,
         )
         # Some timm models (e.g. MobileNetV3) have a pre-logits head wider than num_features.
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
@@ -269,10 +272,15 @@ class TextTower(nn.Module):
 
     @staticmethod
     def _load_pretrained(cfg: DualEncoderConfig) -> nn.Module:
-        path = Path(cfg.text_pretrained_path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"text_pretrained_path={path}: not a directory (expected a save_pretrained dir)")
-        encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        # A save_pretrained directory, a Hub snapshot or a sentence-transformers snapshot (its Transformer module).
+        path = resolve_text_dir(cfg.text_pretrained_path)
+        try:
+            encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:  # transformers' "no file named model.safetensors ...", bad config.json
+            raise CheckpointError(
+                f"student.text_pretrained_path={cfg.text_pretrained_path}: {path} does not load as a Hugging Face "
+                f"model ({str(e).strip().splitlines()[0]}); point it at a save_pretrained directory"
+            ) from e
         vocab = encoder.config.vocab_size
         if cfg.vocab_size > vocab:
             raise ValueError(

@@ -37,13 +37,13 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
 from fastslow.data.loaders import resolve_image_config
+from fastslow.pretrained import create_timm_backbone
 from teachers import register_teacher
 from teachers.tokens import VisualTokens
 
@@ -338,13 +338,14 @@ class PyramidEncoder(nn.Module):
     def __init__(self, cfg: CaptionerConfig):
         super().__init__()
         out_indices = cfg.out_indices[-1:] if cfg.cross_attn == "coarse" else cfg.out_indices
-        extra = dict(pretrained_cfg_overlay=dict(file=cfg.pretrained_path)) if cfg.pretrained_path else {}
-        self.backbone = timm.create_model(
+        # A local timm checkpoint (pretrained_path, .safetensors or a .pth state dict) is loaded by timm and checked
+        # to fit the backbone (fastslow.pretrained); never a download.
+        self.backbone = create_timm_backbone(
             cfg.backbone,
-            pretrained=bool(cfg.pretrained_path),
+            cfg.pretrained_path,
+            key="teacher.pretrained_path",
             features_only=True,
             out_indices=out_indices,
-            **extra,
             **cfg.backbone_args,
         )
         channels = self.backbone.feature_info.channels()[::-1]  # timm lists fine -> coarse; the path runs coarse first
