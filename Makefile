@@ -32,10 +32,13 @@ demo: $(STAMP)
 	@echo "== 5/5 Fast, Slow and Fast+Slow@k on the test split"
 	$(BIN)/python tools/rerank_eval.py recipe=$(RECIPE)
 
+# Two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixtures, such as the smoke
+# pipeline that most of test_tools.py reads, are built once). Most of the suite's time is subprocesses on one core.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# SIGKILL distill at several points and resume (minutes): not part of `make test`.
+# Only the fault tests (SIGKILL distill and build_index at several points, resume; also part of `make test`).
 test-fault: $(STAMP)
 	$(BIN)/python -m pytest -q -m fault tests/test_faults.py
 

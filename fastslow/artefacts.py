@@ -30,6 +30,7 @@ mismatches).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -62,8 +63,10 @@ __all__ = [
     "read_safetensors",
     "read_manifest",
     "read_stamp",
+    "remove_dead_leftovers",
     "stamp_differences",
     "stamp_path",
+    "temp_dir_for",
     "verify_manifest",
     "write_manifest",
     "write_stamp",
@@ -108,8 +111,53 @@ def _fsync_file(path: Path) -> None:
 
 
 def _tmp_sibling(path: Path) -> Path:
-    # Hidden, unique per writer (pid + random), so concurrent writers never share a temporary file.
+    # Hidden, unique per writer (pid + random), so concurrent writers never share a temporary file; the pid in the
+    # name is how `remove_dead_leftovers` tells a killed writer's file from a live one's.
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (``.NAME.PID-XXXX.tmp`` / ``.old``) that a writer killed mid-write
+    left behind (SIGKILL, the OOM killer, a power cut: no ``finally`` ran), and return them.
+
+    Called by every writer before it writes ``path``, so that a killed-and-rerun stage leaves no temporary file or
+    directory behind. A sibling whose writer (the pid in its name) is still running on this machine is kept.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        pid = p.name[len(path.name) + 2 :].split("-", 1)[0]
+        if p.suffix not in (".tmp", ".old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def temp_dir_for(path: str | os.PathLike) -> Path:
+    """A new, empty temporary directory beside ``path`` to write a directory artefact into, then `commit_dir` it.
+    Leftovers of killed writers of ``path`` are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(path)
+    tmp = _tmp_sibling(path)
+    tmp.mkdir()
+    return tmp
 
 
 @contextlib.contextmanager
@@ -122,6 +170,7 @@ def atomic_path(path: str | os.PathLike, *, stamp: Mapping[str, Any] | None = No
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(path)
     tmp = _tmp_sibling(path)
     try:
         yield tmp

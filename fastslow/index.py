@@ -582,7 +582,7 @@ def encode_gallery(
             else:
                 if old_meta is not None and resume:
                     warnings.warn(f"gallery chunks in {out} were written by a different run: re-encoding", stacklevel=2)
-                for stale in [*out.glob("chunk_*.npz"), *out.glob("chunk_*.tmp-*")]:
+                for stale in [*out.glob("chunk_*.npz"), *out.glob(".chunk_*.tmp")]:  # .tmp: a killed writer's
                     stale.unlink()
                 atomic_write_json(meta_path, meta)
         if accelerator is not None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastslow.artefacts import check_fields, commit_dir, read_json
+from fastslow.artefacts import check_fields, commit_dir, read_json, temp_dir_for
 from fastslow.errors import MissingFileError, StaleArtefactError
 
 __all__ = ["VisualTokens", "TokenStore"]
@@ -211,8 +210,7 @@ class TokenStore:
             raise ValueError("TokenStore.write: item ids must be unique")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = temp_dir_for(path)  # after removing what a killed writer of this store left behind
         try:
             n_tok, dim, has_mask = cls._write_arrays(tmp, len(ids), _as_chunks(tokens))
             (tmp / "ids.json").write_text(json.dumps(ids))

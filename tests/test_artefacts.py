@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,8 @@ from fastslow.artefacts import (
     check_stamp,
     commit_dir,
     file_sha256,
+    remove_dead_leftovers,
+    temp_dir_for,
     verify_manifest,
     write_manifest,
 )
@@ -132,3 +136,27 @@ def test_unstamped_or_replaced_artefact_is_refused_with_the_rebuild_command(tmp_
         check_stamp(path, {"k": 20}, "run X")
     with pytest.raises(FileNotFoundError, match="to build it: run X"):
         check_stamp(tmp_path / "absent.json", {}, "run X")
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    """SIGKILL runs no cleanup: the next writer of the same artefact removes the dead writer's temporaries."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    path = tmp_path / "tokens"
+    stale_file = tmp_path / f".emb.npy.{dead_pid}-0badc0de.tmp"
+    stale_file.write_bytes(b"half")
+    stale_dir = tmp_path / f".tokens.{dead_pid}-deadbeef.tmp"
+    (stale_dir / "sub").mkdir(parents=True)
+    old = tmp_path / f".tokens.{dead_pid}-12345678.old"
+    old.mkdir()
+    live = tmp_path / f".tokens.{os.getpid()}-00000000.tmp"  # a writer still running (this one)
+    live.mkdir()
+    other = tmp_path / ".tokensX.1-00000000.tmp"  # another artefact's name: not ours to touch
+    other.mkdir()
+    fresh = temp_dir_for(path)
+    assert fresh.is_dir() and not any(fresh.iterdir())
+    assert not stale_dir.exists() and not old.exists()
+    assert live.exists() and other.exists() and stale_file.exists()
+    atomic_write_json(tmp_path / "emb.npy", {"x": 1})  # every atomic write clears its own name's leftovers
+    assert not stale_file.exists()
+    assert remove_dead_leftovers(path) == []

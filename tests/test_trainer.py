@@ -5,12 +5,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_tools import accelerate_launch
 from torch import nn
 
 from fastslow.artefacts import write_manifest
@@ -368,43 +368,6 @@ def test_deepspeed_files_are_loaded_weights_only(tmp_path):
     assert not marker.exists()
 
 
-DS_SCRIPT = """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, {tests!r})
-from test_trainer import Crash, crash_at, run
-
-out, mode = Path(sys.argv[1]), sys.argv[2]
-if mode == "crash":
-    try:
-        run(out, 8, save_every=4, on_step_end=crash_at(6))
-    except Crash:
-        sys.exit(0)
-    sys.exit("no crash")
-run(out, 8, save_every=4)
-"""
-
-
-@pytest.mark.slow
-def test_deepspeed_resume_is_bit_identical(tmp_path):
-    """DeepSpeed ZeRO-2 (1 CPU process): its engine files, loaded weights-only, plus our state resume exactly."""
-    pytest.importorskip("deepspeed")
-    script = tmp_path / "ds_run.py"
-    script.write_text(DS_SCRIPT.format(tests=str(ROOT / "tests")))
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
-    launcher += [str(ROOT / "accelerate_config.yaml"), "--num_processes", "1", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for out, mode in (("a", "straight"), ("b", "crash"), ("b", "resume")):
-        proc = subprocess.run([*launcher, str(tmp_path / out), mode], env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "step_0000004" in proc.stdout
-    assert list((tmp_path / "b" / "checkpoints" / "step_0000008" / "state").rglob("*optim_states*"))
-    assert same(
-        load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    )
-
-
 # ------------------------------------------------------------------------------ skip counts over processes
 
 BAD_EVERY = 7  # sample i is unreadable when i % 7 == 3 (6 of the 40), under two reasons
@@ -453,8 +416,7 @@ def test_skip_counts_are_summed_over_processes(tmp_path):
     pytest.importorskip("deepspeed")
     script = tmp_path / "skippy.py"
     script.write_text(SKIP_SCRIPT.format(tests=str(ROOT / "tests")))
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
-    launcher += [str(ROOT / "accelerate_config.yaml"), "--num_processes", "2", str(script), str(tmp_path / "two"), "4"]
+    launcher = [*accelerate_launch(2), str(script), str(tmp_path / "two"), "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(launcher, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
