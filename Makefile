@@ -12,10 +12,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fault install lint clean-runs
 
-# -qq: pip prints errors only (some pip configs warn once per configured index).
+# -qq: pip prints errors only (some pip configs warn once per configured index). The serve extra (fastapi, uvicorn,
+# httpx) is installed with dev: tests/test_service.py needs it, and `make serve` runs it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq -e '.[dev]'
+	$(BIN)/python -m pip install -qq -e '.[dev,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
