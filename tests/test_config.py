@@ -151,6 +151,11 @@ ISSUE_13_BAD = [
     ("data.augment.crop_scale=[0,1]", "> 0"),
     ("data.augment.hflip=1.5", "in [0, 1]"),
     ("data.augment.color_jitter=-1", ">= 0"),
+    ("serve.max_wait_ms=-1", "in [0, 10000]"),
+    ("serve.max_batch=0", ">= 1"),
+    ("serve.queue_size=0", ">= 1"),
+    ("serve.max_k=0", ">= 1"),
+    ("serve.max_query_chars=abc", "int"),
 ]
 
 
