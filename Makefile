@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the whole pipeline on the built-in shapes data
 #   make test   set up .venv and run the test suite
+#   make serve  (after make demo) the search service on the demo's artefacts: http://127.0.0.1:8000/
 # Both need only Python 3.10+ (and make). RECIPE=shapes_video make demo runs the video pipeline.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 LAUNCH := $(BIN)/accelerate launch --config_file accelerate_config.yaml --num_processes 1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fault install lint clean-runs
+.PHONY: demo test test-fault install lint clean-runs serve
 
 # -qq: pip prints errors only (some pip configs warn once per configured index). The serve extra (fastapi, uvicorn,
 # httpx) is installed with dev: tests/test_service.py needs it, and `make serve` runs it.
@@ -32,6 +33,10 @@ demo: $(STAMP)
 	$(BIN)/python tools/build_index.py recipe=$(RECIPE)
 	@echo "== 5/5 Fast, Slow and Fast+Slow@k on the test split"
 	$(BIN)/python tools/rerank_eval.py recipe=$(RECIPE)
+
+# After `make demo`: the search service on the demo's artefacts, http://127.0.0.1:8000/ (Ctrl-C stops it).
+serve: $(STAMP)
+	$(BIN)/python tools/serve.py recipe=$(RECIPE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
