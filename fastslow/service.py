@@ -374,7 +374,7 @@ def create_app(
             await batcher.stop()
 
     app = FastAPI(title="fastslow search", lifespan=lifespan)
-    app.state.batcher, app.state.stats, app.state.gallery = batcher, stats, gallery
+    app.state.batcher, app.state.stats, app.state.gallery, app.state.retriever = batcher, stats, gallery, retriever
 
     def parse(q: str | None, k: str | None, mode: str | None) -> tuple[str, int, int, str, int]:
         """Check a request before it joins a batch (one bad query must not fail the others' model call)."""
@@ -449,6 +449,25 @@ def create_app(
     return app
 
 
+def app_from_run(cfg: Any) -> Any:
+    """The app over a recipe's run directory (`Retriever.from_run`): gallery files from the recipe's image folder,
+    or, for clip features (no picture), each item's id and captions from the evaluated split. ``serve.*`` and
+    ``combiner.k`` configure it. Shared by tools/serve.py and tools/screenshot.py."""
+    from fastslow import stages
+    from fastslow.config import to_kwargs
+
+    retriever = Retriever.from_run(cfg)
+    video = stages.modality(cfg) == "video"
+    captions = None
+    if video:
+        split = stages.load_split(cfg, cfg.eval.split)
+        captions = {}
+        for text, item in zip(split.captions, split.text_to_visual):
+            captions.setdefault(split.item_ids[item], []).append(text)
+    return create_app(retriever, gallery_dir=cfg.data.feature_dir if video else cfg.data.image_dir,
+                      captions=captions, default_k=cfg.combiner.k, **to_kwargs(cfg.serve))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ the page
 
 _CSS = (
@@ -507,5 +526,5 @@ def render_page(body: dict[str, Any] | None, q: str | None, k: str | None, mode:
     return "\n".join(parts)
 
 
-__all__ = ["Answer", "Gallery", "MicroBatcher", "Overloaded", "Stats", "answer_json", "create_app", "method_name",
-           "render_page"]  # fmt: skip
+__all__ = ["Answer", "Gallery", "MicroBatcher", "Overloaded", "Stats", "answer_json", "app_from_run", "create_app",
+           "method_name", "render_page"]  # fmt: skip

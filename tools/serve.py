@@ -19,7 +19,7 @@ OWN_ARGS = {"host": "127.0.0.1", "port": "8000"}
 def main(argv=None) -> None:
     import sys
 
-    from fastslow.config import ConfigError, check_data_files, load_recipe, to_kwargs
+    from fastslow.config import ConfigError, check_data_files, load_recipe
 
     own, rest = dict(OWN_ARGS), []
     for arg in sys.argv[1:] if argv is None else argv:
@@ -35,20 +35,10 @@ def main(argv=None) -> None:
 
     import uvicorn
 
-    from fastslow import stages
-    from fastslow.query import Retriever
-    from fastslow.service import create_app
+    from fastslow.service import app_from_run
 
-    retriever = Retriever.from_run(cfg)
-    video = stages.modality(cfg) == "video"
-    captions = None
-    if video:  # clip features have no picture: the page shows each item's id and captions
-        split = stages.load_split(cfg, cfg.eval.split)
-        captions = {}
-        for text, item in zip(split.captions, split.text_to_visual):
-            captions.setdefault(split.item_ids[item], []).append(text)
-    app = create_app(retriever, gallery_dir=cfg.data.feature_dir if video else cfg.data.image_dir, captions=captions,
-                     default_k=cfg.combiner.k, **to_kwargs(cfg.serve))  # fmt: skip
+    app = app_from_run(cfg)  # student, index, teacher, token store: opened once, stamps checked
+    retriever = app.state.retriever
     print(f"serving {retriever.n_items} items of {retriever.manifest.get('split')} on http://{own['host']}:{port}/")
     uvicorn.run(app, host=own["host"], port=port, log_level="warning")
 
