@@ -36,13 +36,10 @@ def main(argv=None) -> None:
     from pathlib import Path
     from urllib.parse import urlencode
 
-    from fastslow.config import check_data_files, load_recipe
+    from fastslow.config import check_data_files, load_recipe, split_own_args
     from fastslow.errors import MissingFileError
 
-    own, rest = dict(OWN_ARGS), []
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, eq, value = arg.partition("=")
-        (own.__setitem__(key, value) if key in OWN_ARGS and eq else rest.append(arg))
+    own, rest = split_own_args(sys.argv[1:] if argv is None else argv, OWN_ARGS)
     cfg = load_recipe(rest, prog="screenshot.py")
     browser = shutil.which(own["chromium"])
     if browser is None:

@@ -19,12 +19,9 @@ OWN_ARGS = {"host": "127.0.0.1", "port": "8000"}
 def main(argv=None) -> None:
     import sys
 
-    from fastslow.config import ConfigError, check_data_files, load_recipe
+    from fastslow.config import ConfigError, check_data_files, load_recipe, split_own_args
 
-    own, rest = dict(OWN_ARGS), []
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, eq, value = arg.partition("=")
-        (own.__setitem__(key, value) if key in OWN_ARGS and eq else rest.append(arg))
+    own, rest = split_own_args(sys.argv[1:] if argv is None else argv, OWN_ARGS)
     cfg = load_recipe(rest, prog="serve.py")
     try:
         port = int(own["port"])
