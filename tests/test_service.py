@@ -84,6 +84,22 @@ def test_result_page_shows_thumbnails_with_both_ranks(client, world):
     assert client.get("/healthz").json()["items"] == N_ITEMS
 
 
+def test_feature_only_items_show_their_id_and_captions(world, tmp_path):
+    """Clip features have no picture: the page shows each result's id and captions instead of a thumbnail."""
+    r = open_retriever(world)
+    r.manifest = {**r.manifest, "item_paths": [str(tmp_path / f"{i}.npy") for i in world["ids"]]}
+    for p in r.manifest["item_paths"]:
+        open(p, "wb").close()
+    caps = {i: [f"caption one of {i}", f"caption two of {i}"] for i in world["ids"]}
+    with TestClient(create_app(r, gallery_dir=tmp_path, captions=caps)) as c:
+        page = c.get("/", params={"q": "a red circle", "k": 3, "mode": "rerank"}).text
+        body = c.get("/search", params={"q": "a red circle", "k": 3, "mode": "rerank"}).json()
+    assert "<img" not in page
+    for hit in body["results"]:
+        assert f"<b>{hit['id']}</b>" in page and f"caption two of {hit['id']}" in page
+        assert hit["url"] == f"/items/{hit['id']}.npy"
+
+
 # ----------------------------------------------------------------------------------------- bad requests
 
 
