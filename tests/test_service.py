@@ -204,7 +204,7 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(world):
 
 
 def test_different_modes_and_ks_are_separate_model_calls(world):
-    app = make_app(world, max_wait_ms=200.0)
+    app = make_app(world, max_wait_ms=500.0)  # the three arrive within it even on a loaded machine
     params = [{"q": "a red circle", "k": 3, "mode": "fast"}, {"q": "a blue square", "k": 3, "mode": "fast"},
               {"q": "a red circle", "k": 4, "mode": "rerank"}]  # fmt: skip
     resps, stats = asyncio.run(_concurrent(app, params))
@@ -221,7 +221,7 @@ def test_a_full_queue_answers_503_with_retry_after(world):
 
     def hold(app):
         app.state.batcher.pool.submit(release.wait)
-        threading.Timer(1.0, release.set).start()  # free the thread after the burst has arrived
+        threading.Timer(2.0, release.set).start()  # free the thread after the burst has arrived
 
     app = make_app(world, max_wait_ms=0.0, max_batch=1, queue_size=2)
     resps, stats = asyncio.run(_concurrent(app, [{"q": t, "k": 3, "mode": "fast"} for t in captions(8, 9)], hold))
