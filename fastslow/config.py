@@ -428,6 +428,19 @@ def _validate(cfg: DictConfig) -> None:
             )
 
 
+def split_own_args(argv: Sequence[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """A tool's own ``name=value`` arguments (those named in ``defaults``, e.g. ``host``, ``port``) apart from the
+    recipe and its overrides: ``(own values over the defaults, the rest for load_recipe)``."""
+    own, rest = dict(defaults), []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if key in defaults and eq:
+            own[key] = value
+        else:
+            rest.append(arg)
+    return own, rest
+
+
 def load_recipe(argv: Sequence[str] | None = None, *, prog: str | None = None) -> DictConfig:
     """Build the run's config from `recipe=NAME key=value ...`.
 

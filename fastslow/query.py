@@ -453,6 +453,16 @@ class Retriever:
         return self.alphas[k]
 
     # ------------------------------------------------------------------------------------------------ search
+    def check_mode(self, mode: Any) -> str:
+        """``mode`` if this retriever can search in it; QueryError otherwise (an unknown mode, or one that needs the
+        teacher when none was loaded). `fastslow.service` checks a request with it before the request joins a batch.
+        """
+        if mode not in MODES:
+            raise QueryError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        if mode != "fast" and self.scorer is None:
+            raise QueryError(f"mode={mode!r} needs the teacher and its token store; this retriever has neither")
+        return mode
+
     def _clamp(self, k: Any) -> int:
         k = check_k(k)
         if k > self.n_items:
@@ -479,10 +489,7 @@ class Retriever:
         Raises:
             QueryError: k <= 0, an empty query (or one the tokenizer reads no word in), or an unknown mode.
         """
-        if mode not in MODES:
-            raise QueryError(f"mode={mode!r} is not one of {', '.join(MODES)}")
-        if mode != "fast" and self.scorer is None:
-            raise QueryError(f"mode={mode!r} needs the teacher and its token store; this retriever has neither")
+        self.check_mode(mode)
         texts = check_queries(texts, self.tokenizer, self.max_length)
         alpha = self.alpha_for(check_k(k)) if mode == "fuse" else None  # tuned per k asked for (tune_fuse_alphas)
         k = self._clamp(k)

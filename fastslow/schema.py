@@ -250,6 +250,23 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`serve`: tools/serve.py (fastslow.service.create_app). Concurrent queries are gathered into one model call;
+    these bound how long a query waits for company, how big a call gets and how many queries may wait."""
+
+    # How long the first waiting query waits for others before its batch runs. A few ms costs a lone query little
+    # and, under load, lets one student / teacher call carry many queries (queries that arrive while a call runs
+    # form the next batch anyway).
+    max_wait_ms: float = key(5.0, ge=0, le=10_000)
+    max_batch: int = key(64, ge=1)  # queries per model call, at most (memory: max_batch x k teacher pairs)
+    # Queries waiting beyond the running call; more get 503 with Retry-After instead of an unbounded backlog.
+    queue_size: int = key(256, ge=1)
+    max_k: int = key(100, ge=1)  # the largest k a request may ask for (the teacher scores k pairs per query)
+    # Longer queries are refused (400); a query within it but over data.max_length tokens is cut and said so.
+    max_query_chars: int = key(1000, ge=1)
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe: `recipes/base.yaml` merged under `recipes/NAME.yaml`."""
 
@@ -267,6 +284,7 @@ class RecipeConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     combiner: CombinerConfig = field(default_factory=CombinerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # ------------------------------------------------------------------- data.generate, per generated dataset

@@ -151,6 +151,11 @@ ISSUE_13_BAD = [
     ("data.augment.crop_scale=[0,1]", "> 0"),
     ("data.augment.hflip=1.5", "in [0, 1]"),
     ("data.augment.color_jitter=-1", ">= 0"),
+    ("serve.max_wait_ms=-1", "in [0, 10000]"),
+    ("serve.max_batch=0", ">= 1"),
+    ("serve.queue_size=0", ">= 1"),
+    ("serve.max_k=0", ">= 1"),
+    ("serve.max_query_chars=abc", "int"),
 ]
 
 
@@ -357,3 +362,9 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     proc = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_a_tools_own_arguments_are_split_from_the_overrides():
+    own, rest = config.split_own_args(["recipe=shapes", "port=9000", "train.lr=1", "host"], {"host": "127.0.0.1",
+                                      "port": "8000"})  # fmt: skip
+    assert own == {"host": "127.0.0.1", "port": "9000"} and rest == ["recipe=shapes", "train.lr=1", "host"]

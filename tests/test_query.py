@@ -1,9 +1,9 @@
 """Tests for fastslow.query: the fast rerank path against the plain one, the four modes of `Retriever.search`, the
 refusal of artefacts that do not belong together, and the guard that gives a teacher that hurts no weight.
 
-The world is built here: a tokenizer trained on a few captions, a tiny student and teacher (random weights, seeded),
-a gallery of random pictures indexed with faiss and written to a token store, each artefact stamped as
-`tools/build_index.py` stamps it. Teacher scores in the guard tests are given matrices: inputs, not mocks.
+The world is built by tests/conftest.py: a tokenizer trained on a few captions, a tiny student and teacher (random
+weights, seeded), a gallery of random pictures indexed with faiss and written to a token store, each artefact stamped
+as `tools/build_index.py` stamps it. Teacher scores in the guard tests are given matrices: inputs, not mocks.
 """
 
 from __future__ import annotations
@@ -11,57 +11,22 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
+from conftest import MAX_LENGTH, N_ITEMS, REBUILD, SETTINGS, open_retriever
 
 from fastslow.combiner import Combiner, tune_alpha
 from fastslow.errors import QueryError, StaleArtefactError
 from fastslow.evaluation import StoreTeacherScorer, encode_texts_student, tokenize
-from fastslow.index import build_index, hash_ids, save_embeddings, save_index
-from fastslow.query import FUSE_FILE, Retriever, fuse_stamp, save_fuse_alphas, tune_fuse_alphas
-from fastslow.tokenizer import train_tokenizer
-from students import create_student
-from teachers import TokenStore, create_teacher
+from fastslow.index import hash_ids, save_embeddings
+from fastslow.query import FUSE_FILE, fuse_stamp, save_fuse_alphas, tune_fuse_alphas
+from teachers import TokenStore
 
-N_ITEMS, MAX_LENGTH = 24, 16
-SETTINGS = {"data.image_size": 32}
-REBUILD = "python tools/build_index.py recipe=toy output_dir=runs/toy"
-WORDS = "a small large red blue green circle square triangle left of right above below the".split()
+# The world (tokenizer, tiny student and teacher, an indexed gallery of pictures with its token store) is built by the
+# `world` fixture of tests/conftest.py, shared with tests/test_service.py.
 # Parity bound of the fast rerank path against the plain one: the same float32 operations in another grouping (one
 # text per query broadcast to its k candidates instead of k copies); measured 0.0 on this model.
 PARITY_ATOL = 1e-4
-
-
-def captions(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 9))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = train_tokenizer(captions(200, 0), vocab_size=120)
-    student = create_student("dual_encoder_tiny", vocab_size=tok.vocab_size, max_length=MAX_LENGTH).eval()
-    teacher = create_teacher("captioner_tiny", vocab_size=tok.vocab_size, max_length=MAX_LENGTH).eval()
-    student.requires_grad_(False), teacher.requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    ids = [f"item_{i:03d}" for i in range(N_ITEMS)]
-    with torch.no_grad():
-        emb = student.encode_image(torch.randn(N_ITEMS, 3, 32, 32, generator=g)).numpy()
-        tokens = teacher.encode_visual(torch.randn(N_ITEMS, 3, 64, 64, generator=g))
-    d = tmp_path_factory.mktemp("index")
-    gallery = {"gallery_hash": hash_ids(ids), **SETTINGS}
-    save_index(d, build_index(emb, "flat"), {"item_ids": ids, "student_hash": "s1", "split": "toy/test", **SETTINGS})
-    save_embeddings(d, emb, {"student_hash": "s1", **gallery})
-    TokenStore.write(d / "tokens", ids, tokens, meta={"teacher_hash": "t1", **gallery})
-    return dict(dir=d, tok=tok, student=student, teacher=teacher, queries=captions(9, 1), emb=emb, ids=ids)
-
-
-def open_retriever(world, directory=None, **over):
-    kw = dict(student=world["student"], tokenizer=world["tok"], student_hash="s1", teacher=world["teacher"],
-              teacher_hash="t1", max_length=MAX_LENGTH, settings=SETTINGS, rebuild=REBUILD, batch_size=4)  # fmt: skip
-    return Retriever.open(directory or world["dir"], **{**kw, **over})
 
 
 # ------------------------------------------------------------------------------------------- the fast rerank path

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ["train_teacher.py", "distill.py", "build_index.py", "rerank_eval.py", "search.py", "make_shapes.py"]
+TOOLS = ["train_teacher.py", "distill.py", "build_index.py", "rerank_eval.py", "search.py", "make_shapes.py",
+         "serve.py", "screenshot.py"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
