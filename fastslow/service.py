@@ -233,14 +233,17 @@ class Gallery:
         self.paths: list[str] = list(manifest.get("item_paths") or [])
         self.root = None if root is None else Path(root).resolve()
         self.captions = captions or {}
+        # Only the indexed items are served, not whatever else the folder holds (annotations, other splits' files).
+        self._served = {str(Path(p).resolve()) for p in self.paths} if self.root is not None else set()
 
     def resolve(self, rel: str) -> Path | None:
         """The file ``rel`` names inside the gallery folder, or None when it is not one: after resolving ``..``
-        and symlinks the file must still lie inside the folder (an absolute ``rel`` is outside by construction)."""
+        and symlinks the file must still lie inside the folder (an absolute ``rel`` is outside by construction) and
+        be one of the indexed items."""
         if self.root is None or not rel or "\x00" in rel:
             return None
         path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root) or not path.is_file():
+        if not path.is_relative_to(self.root) or str(path) not in self._served or not path.is_file():
             return None
         return path
 

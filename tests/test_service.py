@@ -152,6 +152,7 @@ def test_gallery_files_never_escape_the_gallery_folder(client, world, tmp_path_f
     (world["images"] / "link.png").symlink_to(outside)  # a symlink inside the folder pointing out of it
     (world["images"] / "linkdir").symlink_to(outside.parent, target_is_directory=True)
     rel = os.path.relpath(outside, world["images"])
+    (world["images"] / "notes.txt").write_text("do not serve")  # inside the folder, but not an indexed item
     assert client.get("/items/item_000.png").status_code == 200
     for path in [
         f"/items/{rel}",  # ../ (the client normalises a literal ../; the encoded forms reach the app)
@@ -165,6 +166,7 @@ def test_gallery_files_never_escape_the_gallery_folder(client, world, tmp_path_f
         "/items/linkdir/secret.txt",
         "/items/",
         "/items/nope.png",
+        "/items/notes.txt",
     ]:
         resp = client.get(path)
         assert resp.status_code == 404 and b"do not serve" not in resp.content, path
