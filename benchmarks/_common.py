@@ -144,9 +144,10 @@ def train_students(
     runs = [earlier[(c, s)] for s in seeds for c in names if (c, s) in earlier]
     if runs:
         print(f"reusing {len(runs)} run(s) of {out} (same teacher, same overrides; rerun=true to retrain)")
-    # Distilled runs first: they take ~2x a plain one, so two slots stay busy instead of one long run ending alone.
-    todo = [(c, s) for c in names for s in seeds if (c, s) not in earlier]
-    todo.sort(key=lambda cs: "loss.distill=none" in configs[cs[0]])
+    # Seed by seed, so that an interrupted benchmark holds whole seeds of every config; distilled runs first within
+    # that (they take ~2x a plain one, so two slots stay busy instead of one long run ending alone).
+    todo = [(c, s) for s in seeds for c in names if (c, s) not in earlier]
+    todo.sort(key=lambda cs: (seeds.index(cs[1]), "loss.distill=none" in configs[cs[0]]))
     running: list[tuple[str, int, Path, subprocess.Popen]] = []
 
     def write() -> None:
@@ -185,3 +186,31 @@ def train_students(
         reap(done)
     write()
     return runs
+
+
+def setup_runs(names: list[str], known, own: dict[str, str], overrides: list[str]):
+    """The shared start of a students-over-seeds benchmark: check the config names, read seeds and jobs, load the
+    recipe and size the thread pools -> ``(cfg, seeds, jobs, threads)``."""
+    unknown = [c for c in names if c not in known]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(known)}")
+    seeds = [int(s) for s in own["seeds"].split(",")]
+    jobs = max(1, int(own["jobs"]))
+
+    from fastslow.config import load_recipe
+    from fastslow.runtime import configure_threads
+
+    cfg = load_recipe(overrides)
+    return cfg, seeds, jobs, configure_threads(cfg.num_threads if jobs == 1 else 1)
+
+
+def teacher_record(cfg, base: Path, overrides: list[str], test, load_visual) -> tuple[dict, str]:
+    """``(test metrics, weights hash)`` of the recipe's teacher in ``base/teacher`` (trained first if absent)."""
+    from fastslow import stages
+    from fastslow.evaluation import evaluate_teacher
+
+    ensure_teacher(base, overrides)
+    teacher, _, tok = stages.load_trained(base / "teacher", "teacher")
+    metrics = evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)
+    print(f"teacher: t2v R@1 {metrics['t2v_R@1']:.1f}", flush=True)
+    return metrics, stages.weights_hash(base / "teacher" / "model.safetensors")

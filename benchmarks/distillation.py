@@ -33,7 +33,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-from _common import base_dir, ensure_teacher, mean_std, split_own, train_students
+from _common import base_dir, mean_std, setup_runs, split_own, teacher_record, train_students
 
 # Named loss configurations: recipe overrides on top of the recipe's own loss section.
 CONFIGS: dict[str, list[str]] = {
@@ -66,28 +66,14 @@ def main() -> None:
     # Compatibility with the first version of this script: modes=none,inbatch means configs of those names.
     own_modes, overrides = split_own(overrides, {"modes": ""})
     configs = (own_modes["modes"] or own["configs"]).split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
-    seeds = [int(s) for s in own["seeds"].split(",")]
-    jobs = max(1, int(own["jobs"]))
-
-    from fastslow.config import load_recipe
-    from fastslow.runtime import configure_threads
-
-    cfg = load_recipe(overrides)
-    threads = configure_threads(cfg.num_threads if jobs == 1 else 1)
+    cfg, seeds, jobs, threads = setup_runs(configs, CONFIGS, own, overrides)
     from fastslow import stages
-    from fastslow.evaluation import evaluate_student, evaluate_teacher
+    from fastslow.evaluation import evaluate_student
 
     base = base_dir(cfg)
-    ensure_teacher(base, overrides)
+    stages.ensure_shapes(cfg)  # the built-in data, before the test split is read
     test, load_visual = stages.load_split(cfg, "test"), stages.visual_loader(cfg)
-    teacher, _, tok = stages.load_trained(base / "teacher", "teacher")
-    teacher_metrics = evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)
-    teacher_hash = stages.weights_hash(base / "teacher" / "model.safetensors")
-    del teacher
-    print(f"teacher: t2v R@1 {teacher_metrics['t2v_R@1']:.1f}", flush=True)
+    teacher_metrics, teacher_hash = teacher_record(cfg, base, overrides, test, load_visual)
 
     out = base / "bench" / "distillation.json"
     runs = train_students(

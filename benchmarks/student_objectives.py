@@ -27,7 +27,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-from _common import base_dir, ensure_teacher, mean_std, split_own, train_students
+from _common import base_dir, mean_std, setup_runs, split_own, teacher_record, train_students
 
 ROWS = ["infonce", "infonce+vmlm", "infonce+smrm", "infonce+vmlm+smrm", "distill", "distill+vmlm+smrm"]
 
@@ -52,32 +52,17 @@ def main() -> None:
     own, overrides = split_own(sys.argv[1:], defaults)
     names = own["configs"].split(",")
     known = configs(own["vmlm_weight"], own["smrm_weight"])
-    unknown = [c for c in names if c not in known]
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(known)}")
-    seeds = [int(s) for s in own["seeds"].split(",")]
-    jobs = max(1, int(own["jobs"]))
-
-    from fastslow.config import load_recipe
-    from fastslow.runtime import configure_threads
-
-    cfg = load_recipe(overrides)
-    threads = configure_threads(cfg.num_threads if jobs == 1 else 1)
+    cfg, seeds, jobs, threads = setup_runs(names, known, own, overrides)
     from fastslow import stages
-    from fastslow.evaluation import evaluate_student, evaluate_teacher
+    from fastslow.evaluation import evaluate_student
 
     base = base_dir(cfg)
     stages.ensure_shapes(cfg)  # the built-in data, before the test split is read
     stages.get_tokenizer(cfg, stages.load_split(cfg, "train"))  # one tokenizer, shared by every run (symlink)
     test, load_visual = stages.load_split(cfg, "test"), stages.visual_loader(cfg)
     teacher_metrics, teacher_hash = None, None
-    if any(not name.startswith("infonce") for name in names):
-        ensure_teacher(base, overrides)
-        teacher, _, tok = stages.load_trained(base / "teacher", "teacher")
-        teacher_metrics = evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)
-        teacher_hash = stages.weights_hash(base / "teacher" / "model.safetensors")
-        del teacher
-        print(f"teacher: t2v R@1 {teacher_metrics['t2v_R@1']:.1f}", flush=True)
+    if any(not name.startswith("infonce") for name in names):  # the InfoNCE rows never need a teacher
+        teacher_metrics, teacher_hash = teacher_record(cfg, base, overrides, test, load_visual)
 
     out = base / "bench" / "student_objectives.json"
     runs = train_students(
