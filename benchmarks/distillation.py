@@ -30,17 +30,10 @@ now and `seeds=0,1,2` later trains seed 0 once), and rows of other configs or se
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-from _common import ROOT, split_own, variant_dir
-
-from fastslow.artefacts import atomic_write_json
+from _common import base_dir, mean_std, setup_runs, split_own, teacher_record, train_students
 
 # Named loss configurations: recipe overrides on top of the recipe's own loss section.
 CONFIGS: dict[str, list[str]] = {
@@ -67,124 +60,28 @@ CONFIGS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def parse_pairs(log: str) -> tuple[int | None, int | None]:
-    """(teacher pairs scored, cache hits) from the last line tools/distill.py prints."""
-    tail = log.rsplit("teacher pairs scored this run: ", 1)
-    if len(tail) < 2:
-        return None, None
-    scored = int(tail[1].split(";")[0])
-    hits = tail[1].split("cache hits: ", 1)
-    return scored, int(hits[1].split(";")[0]) if len(hits) > 1 else None
-
-
-def launch(args: list[str], log: Path, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    f = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "distill.py"), *args, f"num_threads={threads}"],
-        cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    proc.log_file = f  # type: ignore[attr-defined]
-    proc.started = time.perf_counter()  # type: ignore[attr-defined]
-    return proc
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def main() -> None:
     defaults = {"seeds": "0,1,2", "configs": "none,recipe", "jobs": "1", "rerun": "false"}
     own, overrides = split_own(sys.argv[1:], defaults)
     # Compatibility with the first version of this script: modes=none,inbatch means configs of those names.
     own_modes, overrides = split_own(overrides, {"modes": ""})
     configs = (own_modes["modes"] or own["configs"]).split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
-    seeds = [int(s) for s in own["seeds"].split(",")]
-    jobs = max(1, int(own["jobs"]))
-
-    from fastslow.config import load_recipe
-    from fastslow.runtime import configure_threads
-
-    cfg = load_recipe(overrides)
-    threads = configure_threads(cfg.num_threads if jobs == 1 else 1)
+    cfg, seeds, jobs, threads = setup_runs(configs, CONFIGS, own, overrides)
     from fastslow import stages
-    from fastslow.evaluation import evaluate_student, evaluate_teacher
+    from fastslow.evaluation import evaluate_student
 
-    base = Path(cfg.output_dir) if Path(cfg.output_dir).is_absolute() else ROOT / cfg.output_dir
-    if not (base / "teacher" / "model.safetensors").is_file():
-        print(f"no teacher in {base / 'teacher'}: training it (tools/train_teacher.py)", flush=True)
-        subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "train_teacher.py"), *overrides], cwd=ROOT, check=True
-        )
+    base = base_dir(cfg)
+    stages.ensure_shapes(cfg)  # the built-in data, before the test split is read
     test, load_visual = stages.load_split(cfg, "test"), stages.visual_loader(cfg)
-    teacher, _, tok = stages.load_trained(base / "teacher", "teacher")
-    teacher_metrics = evaluate_teacher(teacher, test, load_visual, tok, max_length=cfg.data.max_length)
-    teacher_hash = stages.weights_hash(base / "teacher" / "model.safetensors")
-    del teacher
+    teacher_metrics, teacher_hash = teacher_record(cfg, base, overrides, test, load_visual)
 
     out = base / "bench" / "distillation.json"
-    earlier, others = {}, []
-    if out.is_file() and own["rerun"] != "true":
-        old = json.loads(out.read_text())
-        if old.get("teacher_hash") == teacher_hash:
-            # Rows of configs/seeds this invocation does not train stay in the file: extending never loses a run.
-            others = [r for r in old["runs"] if r["mode"] not in configs or r["seed"] not in seeds]
-            for r in old["runs"]:
-                trained = base / "bench" / f"distill_{r['mode']}_s{r['seed']}" / "student" / "model.safetensors"
-                if r.get("command_overrides") == overrides and r["mode"] in configs and trained.is_file():
-                    earlier[(r["mode"], r["seed"])] = r
-    runs = [earlier[(c, s)] for s in seeds for c in configs if (c, s) in earlier]
-    if runs:
-        print(f"reusing {len(runs)} run(s) of {out} (same teacher, same overrides; rerun=true to retrain)")
-    # Distilled runs first: they take ~2x a plain one, so two slots stay busy instead of one long run ending alone.
-    todo = [(c, s) for c in configs for s in seeds if (c, s) not in earlier]
-    todo.sort(key=lambda cs: cs[0] == "none")
-    running: list[tuple[str, int, Path, subprocess.Popen]] = []
-
-    def write() -> None:
-        doc = {"teacher": teacher_metrics, "teacher_hash": teacher_hash, "runs": others + runs}
-        atomic_write_json(out, doc, indent=1)
-
-    def reap(entry) -> None:
-        config, seed, d, proc = entry
-        code = proc.wait()
-        proc.log_file.close()
-        secs = time.perf_counter() - proc.started
-        if code:
-            raise SystemExit(f"distill.py ({config}, seed {seed}) failed; see {d / 'distill.log'}")
-        student, _, _ = stages.load_trained(d / "student", "student")
-        m = evaluate_student(student, test, load_visual, tok, max_length=cfg.data.max_length)
-        scored, hits = parse_pairs((d / "distill.log").read_text())
-        runs.append({
-            "seed": seed, "mode": config, "t2v_R@1": m["t2v_R@1"], "t2v_R@5": m["t2v_R@5"],
-            "t2v_R@10": m["t2v_R@10"], "train_seconds": round(secs, 1), "teacher_pairs_scored": scored or 0,
-            "cache_hits": hits or 0, "overrides": CONFIGS[config], "command_overrides": overrides,
-        })  # fmt: skip
-        print(f"  {config} seed {seed}: t2v R@1 {m['t2v_R@1']:.1f} ({secs:.0f} s)", flush=True)
-        write()  # after every run: an interrupted benchmark keeps what it measured
-
-    print(f"teacher: t2v R@1 {teacher_metrics['t2v_R@1']:.1f}; {len(todo)} student runs, {jobs} at a time", flush=True)
-    while todo or running:
-        while todo and len(running) < jobs:
-            config, seed = todo.pop(0)
-            d = variant_dir(base, f"distill_{config}_s{seed}", ("teacher", "tokenizer.json", "cache"))
-            args = [*overrides, *CONFIGS[config], f"seed={seed}", f"output_dir={d}", "train.resume=none"]
-            running.append((config, seed, d, launch(args, d / "distill.log", threads)))
-        done = next((e for e in running if e[3].poll() is not None), None)
-        if done is None:
-            time.sleep(2)
-            continue
-        running.remove(done)
-        reap(done)
-
-    write()
+    runs = train_students(
+        base=base, out=out, configs=CONFIGS, names=configs, seeds=seeds, overrides=overrides,
+        evaluate=lambda student, tok: evaluate_student(student, test, load_visual, tok, max_length=cfg.data.max_length),
+        doc={"teacher": teacher_metrics, "teacher_hash": teacher_hash}, jobs=jobs, threads=threads,
+        rerun=own["rerun"] == "true",
+    )  # fmt: skip
     print_table(cfg, test, teacher_metrics, runs, configs, seeds)
     print(f"\nwritten: {out}")
 

@@ -420,6 +420,12 @@ def _validate(cfg: DictConfig) -> None:
                 )
     if cfg.loss.distill == "swap" and cfg.loss.swaps < 1:
         raise ConfigError(f"loss.distill=swap needs loss.swaps >= 1 (got {cfg.loss.swaps}); or pick another mode")
+    init_from = cfg.student.init_from
+    if init_from is not None and not (Path(init_from) / "model.safetensors").is_file():
+        raise ConfigError(
+            f"student.init_from={init_from}: no trained student there (no model.safetensors); give the student "
+            "directory a tools/distill.py run wrote (its ${output_dir}/student), or student.init_from=null"
+        )
     for section in ("train", "teacher_train"):
         resume = str(cfg[section].resume)
         if resume not in ("auto", "none") and not Path(resume).exists():

@@ -303,6 +303,9 @@ class DistillObjective(nn.Module):
         gather: InfoNCE and the in-batch KL (and margin-MSE, denoising) over every process's rows, gathered with
             their gradients (`fastslow.losses.gather_rows`): the loss of one process given the global batch.
             The `DistillBatcher` must then attach ``inbatch_*`` with a column per pair of the global batch.
+        aux: LightningDOT's VMLM / SMRM heads (`students.aux_heads.StudentObjectives`), added to the loss with their
+            own weights; held here, not by the student, so the exported student has none of their parameters.
+            None (the default): no masked passes at all.
     """
 
     def __init__(
@@ -320,9 +323,11 @@ class DistillObjective(nn.Module):
         margin_mse_weight: float = 0.0,
         swap_weight: float = 1.0,
         gather: bool = False,
+        aux: nn.Module | None = None,
     ):
         super().__init__()
         self.gather = gather
+        self.aux = aux
         if teacher_norm not in TEACHER_NORMS:
             raise ValueError(f"loss.teacher_norm={teacher_norm!r} is not one of {', '.join(TEACHER_NORMS)}")
         self.model = student
@@ -410,6 +415,10 @@ class DistillObjective(nn.Module):
             d = self.kl(s, logits_t, mask, student_logit_scale=scale)
             out["listwise_distill_loss"] = d["distill_loss"]
             loss = loss + self.distill_weight * d["distill_loss"]
+        if self.aux is not None:  # VMLM / SMRM on this process's rows, the unmasked embeddings injected
+            parts = self.aux(self.model, batch, v_own, t_own)
+            out.update(parts)
+            loss = loss + sum(parts.values())
         out["loss"] = loss
         return out
 

@@ -167,6 +167,10 @@ class StudentConfig:
     image_mean: list[float] | None = key(None, ge=0, le=1)
     image_std: list[float] | None = key(None, gt=0)
     image_interpolation: Interpolation | None = None
+    # Warm start: the directory of a trained student (tools/distill.py's ${output_dir}/student, e.g. a VMLM / SMRM
+    # pre-training run) whose weights initialise this one; it must be a student of the same architecture and
+    # tokenizer (fastslow.stages.init_student_from names what differs). null: random / pretrained-path init.
+    init_from: str | None = None
 
 
 @dataclass
@@ -196,6 +200,14 @@ class LossConfig:
     # loss and its gradient are those of one process given the global batch. true by default: the figures then do
     # not change with the GPU count; on one process it does nothing.
     gather: bool = True
+    # LightningDOT's auxiliary objectives (students.aux_heads): 0 = off, no head built and no masked pass run, so the
+    # default costs nothing; the heads are trained here and never exported with the student.
+    vmlm_weight: float = key(0.0, ge=0)  # masked words predicted from the text tower + the item's pooled embedding
+    smrm_weight: float = key(0.0, ge=0)  # masked patches / frames regressed from the visual tower + the caption's
+    # Share of each caption's words / each item's patches or real frames masked: BERT's and LightningDOT's 15 %.
+    # In (0, 1]: 0 would mask nothing (set the weight to 0 instead).
+    vmlm_mask_ratio: float = key(0.15, gt=0, le=1)
+    smrm_mask_ratio: float = key(0.15, gt=0, le=1)
 
 
 @dataclass

@@ -374,6 +374,7 @@ def build_student(cfg: DictConfig, tokenizer: TextTokenizer) -> torch.nn.Module:
     from students import create_student
 
     kw = model_kwargs(cfg, cfg.student, tokenizer)
+    kw.pop("init_from", None)  # where the weights start, not what the model is (`init_student_from`)
     if modality(cfg) == "video":
         kw["max_frames"] = cfg.data.max_frames  # the video tower's position table covers the loader's T
     return create_student(cfg.student.name, **kw)
@@ -440,6 +441,46 @@ def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Modu
     load_weights(model, read_safetensors(weights, fix), path=weights, name=f"{kind} {cfg[kind].name}", fix=fix)
     model.eval().requires_grad_(False)
     return model, cfg, tok
+
+
+# Config fields that say where a student's first weights came from, not what it is: a warm start ignores them.
+_INIT_FIELDS = ("image_pretrained_path", "text_pretrained_path", "text_config")
+
+
+def init_student_from(student: torch.nn.Module, cfg: DictConfig, directory: str | os.PathLike) -> None:
+    """Warm start (`student.init_from=DIR`): copy the weights of the trained student in ``directory`` into
+    ``student``, e.g. a VMLM / SMRM pre-training run before distillation.
+
+    The saved student is rebuilt from its own directory (`load_trained`: config.yaml, tokenizer.json, weights through
+    `read_safetensors` / `load_weights`), and must be the same model: the same registry name, the same
+    `DualEncoderConfig` (where the first weights came from aside) and the same tokenizer file, since a token id of
+    another vocabulary names another word.
+
+    Raises:
+        MissingFileError, ConfigError, CheckpointError: as `load_trained`, for a directory that is not a student.
+        CheckpointError: a student of another configuration or tokenizer; the message names each differing key.
+    """
+    from fastslow.artefacts import file_hash
+
+    directory = Path(directory)
+    fix = f"give student.init_from a student trained with the same student.* keys and tokenizer, or retrain {directory}"
+    saved, saved_cfg, _ = load_trained(directory, "student")
+    ours, theirs = student.config_dict(), saved.config_dict()
+    differ = [
+        f"student.{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+        for k in sorted(set(ours) | set(theirs))
+        if k not in _INIT_FIELDS and ours.get(k) != theirs.get(k)
+    ]
+    if saved_cfg.student.name != cfg.student.name:
+        differ.insert(0, f"student.name: {saved_cfg.student.name!r} there, {cfg.student.name!r} here")
+    here, there = tokenizer_path(cfg), directory / "tokenizer.json"
+    if file_hash(there) != file_hash(here):
+        differ.append(f"tokenizer: {there} differs from this run's {here}")
+    if differ:
+        raise CheckpointError(f"student.init_from={directory} is another student than this run's: "
+                              f"{'; '.join(differ)}; {fix}")  # fmt: skip
+    weights = directory / "model.safetensors"
+    load_weights(student, saved.state_dict(), path=weights, name=f"student {cfg.student.name}", fix=fix)
 
 
 def _pretrained_text(model: torch.nn.Module | None) -> bool:

@@ -153,6 +153,21 @@ class ImageTower(nn.Module):
             self.backbone, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.image_interpolation
         )
 
+    def tokens(self, pixels: Tensor) -> Tensor:
+        """The backbone's final feature map as visual tokens, for training-only heads (never on the query path).
+
+        Args:
+            pixels: [B, 3, H, W] normalised.
+
+        Returns:
+            [B, N, C]: a CNN's h x w cells in raster order (N = h * w), or a ViT's patch tokens (prefix tokens such
+            as CLS dropped); cell n covers the n-th (H / h) x (W / w) patch of the image.
+        """
+        feats = self.backbone.forward_features(pixels.contiguous(memory_format=torch.channels_last))
+        if feats.ndim == 4:  # CNN: [B, C, h, w]
+            return feats.flatten(2).transpose(1, 2)
+        return feats[:, getattr(self.backbone, "num_prefix_tokens", 0) :]
+
     def forward(self, pixels: Tensor) -> Tensor:
         """Args: pixels [B, 3, H, W] normalised. Returns: [B, E], not normalised."""
         # NHWC input: oneDNN / cuDNN convs run it faster (dual_encoder_small, batch 64 at 64 px, 1 core: encode
@@ -208,6 +223,18 @@ class VideoTower(nn.Module):
         Returns:
             [B, E], not normalised.
         """
+        x, mask = self.tokens(features, mask)
+        pooled = x[:, 0] if self.cls_token is not None else _masked_mean(x, mask)
+        return self.proj(pooled)
+
+    def tokens(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The temporal encoder's per-frame outputs, before pooling (what `forward` pools; training heads read them).
+
+        Args: as `forward`.
+
+        Returns:
+            x [B, T', W] (T' = T + 1 with a CLS token, which comes first) and its mask [B, T'] (True = real).
+        """
         batch, frames, _ = features.shape
         if frames > self.max_frames:
             raise ValueError(f"video with T={frames} frames; this student accepts at most max_frames={self.max_frames}")
@@ -230,9 +257,7 @@ class VideoTower(nn.Module):
             mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
         x = x + self.pos_embed[:, : x.shape[1]]
         # src_key_padding_mask uses the opposite convention: True = ignore this key.
-        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
-        pooled = x[:, 0] if self.cls_token is not None else _masked_mean(x, mask)
-        return self.proj(pooled)
+        return self.norm(self.encoder(x, src_key_padding_mask=~mask)), mask
 
 
 class TextTower(nn.Module):

@@ -62,6 +62,9 @@ def main(argv=None) -> None:
     ledger, on_error = SkipLedger(), cfg.data.on_error
     train, val, tok = stages.prepare_training(cfg, acc, ledger)
     student = stages.build_student(cfg, tok)
+    if cfg.student.init_from is not None:  # warm start (a resumed checkpoint, if any, still overrides it)
+        stages.init_student_from(student, cfg, cfg.student.init_from)
+        acc.print(f"student initialised from {cfg.student.init_from}")
     load_visual = stages.visual_loader(cfg, student)  # the student's backbone's mean / std (ViT-B/16: 0.5)
     acc.print(
         f"student {cfg.student.name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; "
@@ -147,6 +150,20 @@ def main(argv=None) -> None:
             gather=cfg.loss.gather,
         )
 
+    aux = None
+    if cfg.loss.vmlm_weight > 0 or cfg.loss.smrm_weight > 0:  # LightningDOT's VMLM / SMRM: heads of the loop only
+        from students.aux_heads import StudentObjectives
+
+        aux = StudentObjectives(
+            student,
+            vmlm_weight=cfg.loss.vmlm_weight,
+            smrm_weight=cfg.loss.smrm_weight,
+            vmlm_mask_ratio=cfg.loss.vmlm_mask_ratio,
+            smrm_mask_ratio=cfg.loss.smrm_mask_ratio,
+            special_ids=(tok.bos_id, tok.eos_id, tok.pad_id),
+        )
+        checkpoint_objects.append(aux)  # not in model.safetensors (the student's): resumed from its own file
+
     objective = DistillObjective(
         student,
         contrastive_weight=cfg.loss.contrastive_weight,
@@ -160,6 +177,7 @@ def main(argv=None) -> None:
         margin_mse_weight=cfg.loss.margin_mse_weight,
         swap_weight=cfg.loss.swap_weight,
         gather=cfg.loss.gather,
+        aux=aux,
     )
 
     def validate(obj):
