@@ -42,7 +42,7 @@ serve: $(STAMP)
 # pipeline that most of test_tools.py reads, are built once). Most of the suite's time is subprocesses on one core.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Only the fault tests (SIGKILL distill and build_index at several points, resume; also part of `make test`).
 test-fault: $(STAMP)

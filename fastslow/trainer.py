@@ -116,12 +116,31 @@ class TrainConfig:
     eval_every: int = 500  # 0: only at the end
 
 
+def skip_deepspeed_cpu_shm_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op at start-up.
+
+    On the CPU accelerator, DeepSpeed's comm backend JIT-compiles ``deepspeed_shm_comm`` (a C++ build of a minute or
+    more on 2 cores, redone for every new venv) when it initialises, though the op only serves
+    ``inference_all_reduce`` (tensor-parallel inference); ZeRO training reduces through torch.distributed (gloo
+    here). Marking it incompatible makes DeepSpeed fall back to the process group, as it does on a platform without
+    the op. CUDA runs never build it.
+    """
+    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def make_accelerator(out_dir: str | os.PathLike, grad_accum: int = 1, log: bool = True) -> Accelerator:
     """The run's Accelerator: bf16 autocast when a CUDA device supports it, gloo when there is no GPU.
 
     Without CUDA, DeepSpeed's multi-process launch needs the gloo process group set up by accelerate
     (otherwise accelerate counts one process while DeepSpeed sees two and its batch-size check fails).
     """
+    skip_deepspeed_cpu_shm_build()
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # under `accelerate launch` / torchrun
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -417,9 +417,13 @@ def test_skip_counts_are_summed_over_processes(tmp_path):
     script = tmp_path / "skippy.py"
     script.write_text(SKIP_SCRIPT.format(tests=str(ROOT / "tests")))
     launcher = [*accelerate_launch(2), str(script), str(tmp_path / "two"), "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # A fresh torch extensions folder: DeepSpeed's CPU shm op would be compiled into it (a C++ build at every new
+    # venv's first launch); fastslow.trainer.skip_deepspeed_cpu_shm_build keeps it empty.
+    extensions = tmp_path / "torch_extensions"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(extensions)}
     proc = subprocess.run(launcher, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(extensions.rglob("*.so")), "DeepSpeed compiled an op at start-up"
     one = run_skippy(tmp_path / "one", 8)  # 1 process, global batches of 8: the same samples in the same steps
 
     # What the 4 global batches hold (no local batch is all bad here, so no process reads an extra one).

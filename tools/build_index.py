@@ -36,8 +36,10 @@ def main(argv=None) -> None:
     from fastslow.data import SkipLedger, VisualDataset, collate
     from fastslow.evaluation import teacher_token_rows, visual_args
     from fastslow.index import build_index, hash_ids, index_info, save_embeddings, save_index
+    from fastslow.trainer import skip_deepspeed_cpu_shm_build
     from teachers import TokenStore
 
+    skip_deepspeed_cpu_shm_build()  # under `accelerate launch` with the DeepSpeed config: no C++ build at start-up
     acc = Accelerator()
     out = stages.stage_dir(cfg, "index")
     student_dir, teacher_dir = stages.stage_dir(cfg, "student"), stages.stage_dir(cfg, "teacher")
