@@ -159,8 +159,8 @@ def main() -> None:
         secs = time.perf_counter() - proc.started
         if code:
             raise SystemExit(f"distill.py ({config}, seed {seed}) failed; see {d / 'distill.log'}")
-        student, _, _ = stages.load_trained(d / "student", "student")
-        m = evaluate_student(student, test, load_visual, tok, max_length=cfg.data.max_length)
+        student, _, stok = stages.load_trained(d / "student", "student")  # the student's own tokenizer
+        m = evaluate_student(student, test, load_visual, stok, max_length=cfg.data.max_length)
         scored, hits = parse_pairs((d / "distill.log").read_text())
         runs.append({
             "seed": seed, "mode": config, "t2v_R@1": m["t2v_R@1"], "t2v_R@5": m["t2v_R@5"],
