@@ -44,7 +44,7 @@ def main() -> None:
     meta = Path(cfg.data.root) / ("shapes_meta.json" if cfg.data.dataset == "shapes" else "shapes_video_meta.json")
     truth = GroundTruth(meta, train.item_ids, train.text_to_visual)
     student, _, tok = stages.load_trained(student_dir, "student")
-    teacher, _, _ = stages.load_trained(base / "teacher", "teacher")
+    teacher, _, ttok = stages.load_trained(base / "teacher", "teacher")  # the teacher reads texts with its own
 
     rng = np.random.default_rng(0)
     texts = np.sort(rng.choice(train.n_texts, size=min(int(own["texts"]), train.n_texts), replace=False))
@@ -55,13 +55,13 @@ def main() -> None:
     mined = mine_hard_negatives(emb, items, positives, k)  # [Q, K]
 
     scorer = TeacherPairScorer(
-        teacher, stages.weights_hash(base / "teacher" / "model.safetensors"), train, load_visual, tok,
+        teacher, stages.weights_hash(base / "teacher" / "model.safetensors"), train, load_visual, ttok,
         cfg.data.max_length, base / "cache" / "teacher_tokens_train",
     )  # fmt: skip
     cand = torch.cat([positives[:, None], mined], dim=1)  # [Q, K+1], positive first
     rows = torch.as_tensor(texts)[:, None].expand_as(cand)
     raw = scorer(rows.flatten(), cand.flatten()).view(cand.shape)
-    n_tokens = tok.encode([train.captions[i] for i in texts], cfg.data.max_length)[1].sum(1) - 1
+    n_tokens = ttok.encode([train.captions[i] for i in texts], cfg.data.max_length)[1].sum(1) - 1
     logits = teacher_logits(raw, n_tokens, norm=cfg.loss.teacher_norm, directions=teacher.config.directions)
     fits = torch.from_numpy(truth.fits(rows[:, 1:].flatten().tolist(), mined.flatten().tolist())).view(mined.shape)
 

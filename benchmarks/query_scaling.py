@@ -201,7 +201,7 @@ def sub_retriever(retriever, m):
     emb = np.ascontiguousarray(retriever.embeddings()[:m].numpy())
     return Retriever(retriever.student, retriever.tokenizer, build_index(emb, "flat"), {}, teacher=retriever.teacher,
                      store=retriever.store.get(slice(0, m)), max_length=retriever.max_length,
-                     batch_size=retriever.batch_size)  # fmt: skip
+                     batch_size=retriever.batch_size, teacher_tokenizer=retriever.teacher_tokenizer)  # fmt: skip
 
 
 def rerank_path(retriever, texts, k, batch, reps=3) -> dict:
@@ -278,13 +278,14 @@ def main() -> None:
     trained = all((base / d / "model.safetensors").is_file() for d in ("student", "teacher"))
     if trained:
         student, _, tok = stages.load_trained(base / "student", "student")
-        teacher, _, _ = stages.load_trained(base / "teacher", "teacher")
+        teacher, _, ttok = stages.load_trained(base / "teacher", "teacher")  # the teacher reads queries with its own
     else:
         print(f"no trained run in {base}: the recipe's models with random weights (timings only)", flush=True)
         tok = train_tokenizer(stages.load_split(cfg, "train").captions, vocab_size=cfg.tokenizer.vocab_size)
         torch.manual_seed(int(own["seed"]))
         student = stages.build_student(cfg, tok).eval().requires_grad_(False)
         teacher = stages.build_teacher(cfg, tok).eval().requires_grad_(False)
+        ttok = tok
     dim = int(student.encode_text(*tok.encode(texts[:1], cfg.data.max_length)).shape[1])
     token_shape, has_mask = visual_shape(teacher, cfg)
     print(f"{cfg.teacher.name} tokens {token_shape} (fp16), {cfg.student.name} E={dim}, {threads} threads, "
@@ -302,7 +303,7 @@ def main() -> None:
         index = build_index(np.ascontiguousarray(emb), kind, seed=int(own["seed"]))
         build_s = time.perf_counter() - t0
         retriever = Retriever(student, tok, index, {"kind": kind}, teacher=teacher, store=store,
-                              max_length=cfg.data.max_length, batch_size=int(own["batch"]),
+                              max_length=cfg.data.max_length, batch_size=int(own["batch"]), teacher_tokenizer=ttok,
                               embeddings_loader=lambda emb=emb: np.ascontiguousarray(emb))  # fmt: skip
         queries = retriever.encode(texts).numpy() if queries is None else queries
         info = {"gallery": n, "kind": kind, "params": index_info(index)["params"], "build_s": build_s}

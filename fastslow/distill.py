@@ -56,7 +56,11 @@ class TeacherPairScorer:
         teacher_hash: hash of the teacher's weights file; stamps the token store.
         split: the split whose captions and items are scored (usually train).
         load_visual: the item loader (images or clip features).
-        tokenizer, max_length: how captions become ids.
+        tokenizer, max_length: how captions become the teacher's ids: the teacher's own tokenizer (the one saved
+            beside its weights, `stages.load_trained`), which may differ from the student's.
+        ids_tokenizer: the tokenizer of the ids `score_ids` is handed (the student's: swapped captions are made from
+            the student's ids), when it is not ``tokenizer``: those rows are decoded to text and encoded with the
+            teacher's tokenizer, so the teacher never reads ids of another vocabulary. None: they are the teacher's.
         store_dir: where the teacher's visual tokens for the split's items live (built when absent or
             built by another teacher).
         chunk: pairs per teacher call (bounds memory).
@@ -83,12 +87,14 @@ class TeacherPairScorer:
         on_error: str = "raise",
         ledger=None,
         settings: dict | None = None,
+        ids_tokenizer: TextTokenizer | None = None,
     ):
         from teachers import TokenStore
 
         self.teacher = teacher.eval().requires_grad_(False)
         self.device = next(teacher.parameters()).device
         self.chunk = chunk
+        self.tokenizer, self.ids_tokenizer, self.max_length = tokenizer, ids_tokenizer, max_length
         self.ids, self.mask = tokenizer.encode(split.captions, max_length)
         store_dir = Path(store_dir)
         stamp = {"teacher_hash": teacher_hash, "split_hash": split_hash(split), **(settings or {})}
@@ -124,12 +130,20 @@ class TeacherPairScorer:
     def __call__(self, text_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """Teacher scores of aligned pairs: text_idx [P], item_idx [P] -> [P] float32 (CPU)."""
         text_idx = torch.as_tensor(text_idx).long()
-        return self.score_ids(self.ids[text_idx], self.mask[text_idx], item_idx)
+        return self._score(self.ids[text_idx], self.mask[text_idx], item_idx)
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """Teacher scores of aligned (token ids, item) pairs for texts that are not in the split (e.g. captions with
-        two words swapped): [P, L] ids, [P] items -> [P] float32 (CPU)."""
+        two words swapped): [P, L] ids (of ``ids_tokenizer`` when one was given), [P] items -> [P] float32 (CPU)."""
+        if self.ids_tokenizer is not None:  # the student's ids: back to text, then the teacher's own ids
+            pad = self.ids_tokenizer.pad_id
+            texts = self.ids_tokenizer.decode_batch(torch.where(attention_mask.bool(), input_ids, pad))
+            input_ids, attention_mask = self.tokenizer.encode(texts, self.max_length)
+        return self._score(input_ids, attention_mask, item_idx)
+
+    def _score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """[P, L] teacher ids, [P] items -> [P] float32 (CPU), `chunk` pairs per teacher call."""
         item_idx = torch.as_tensor(item_idx).long()
         out = torch.empty(len(item_idx), dtype=torch.float32)
         for s in range(0, len(item_idx), self.chunk):
@@ -359,7 +373,8 @@ class DistillObjective(nn.Module):
         v_own = self.model.encode_visual(*visual_args(batch))  # [B, E] this process's rows
         t_own = self.model.encode_text(batch["input_ids"], batch["attention_mask"])  # [B, E]
         scale = self.model.inverse_temperature()
-        n_tokens = batch["attention_mask"].sum(1) - 1  # predicted tokens per caption (all but BOS)
+        # Tokens the teacher predicted per caption (all but BOS): its own count when it has its own tokenizer.
+        n_tokens = batch["teacher_n_tokens"] if "teacher_n_tokens" in batch else batch["attention_mask"].sum(1) - 1
         # The InfoNCE and in-batch terms run over the global batch (every process's rows, gradients carried back by
         # the gather) when `gather` is on: the same loss on every process, the loss of one process given the
         # whole batch. The per-row terms below (swap, listwise) stay on the own rows: the data-parallel average of
@@ -653,6 +668,9 @@ class DistillBatcher:
             batch["group"] = group.to(batch["input_ids"].device)
         text, item = batch["text_index"].cpu(), batch["item_index"].cpu()
         device = batch["input_ids"].device
+        if getattr(self.scorer, "ids_tokenizer", None) is not None:
+            # The teacher has its own tokenizer: teacher_norm=sum scales its scores by the tokens *it* predicted.
+            batch["teacher_n_tokens"] = (self.scorer.mask[text].sum(1) - 1).to(device)
         # The global batch's items (every process's, in rank order) and where ours start, under gather.
         items, offset = item, 0
         if self.gather and self.mode in ("group", "inbatch"):

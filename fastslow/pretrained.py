@@ -153,7 +153,12 @@ def _tokenizer_in(directory: Path) -> Path | None:
 
 
 def check_text_tokenizer(
-    text_path: str | os.PathLike, tokenizer: Any, tokenizer_source: str | os.PathLike
+    text_path: str | os.PathLike,
+    tokenizer: Any,
+    tokenizer_source: str | os.PathLike,
+    *,
+    key: str = "student.text_pretrained_path",
+    tokenizer_key: str = "tokenizer.path",
 ) -> None:
     """Refuse a tokenizer that is not the text tower's, before any work.
 
@@ -163,17 +168,19 @@ def check_text_tokenizer(
     padded to a multiple of 128 beyond the tokenizer's).
 
     Args:
-        text_path: `student.text_pretrained_path` (a directory `resolve_text_dir` accepts).
+        text_path: `student.text_pretrained_path` (a directory `resolve_text_dir` accepts), or the recipe key ``key``.
         tokenizer: the run's `fastslow.tokenizer.TextTokenizer`.
         tokenizer_source: where it came from (for the message).
+        key, tokenizer_key: the recipe keys of the text model and of its tokenizer (``teacher.text_pretrained_path``
+            and ``teacher.tokenizer.path`` for a teacher's decoder), named in the message.
 
     Raises:
         ConfigError: they do not belong together; the message names both and what to set.
     """
-    model_dir = resolve_text_dir(text_path)
+    model_dir = resolve_text_dir(text_path, key=key)
     fix = (
-        f"set tokenizer.path=null to use the tokenizer saved with the text tower (in {model_dir}), or tokenizer.path "
-        f"to the one it was trained with"
+        f"set {tokenizer_key}=null to use the tokenizer saved with the text model (in {model_dir}), or "
+        f"{tokenizer_key} to the one it was trained with"
     )
     reference = _tokenizer_in(model_dir)
     if reference is not None:
@@ -187,7 +194,7 @@ def check_text_tokenizer(
             )
             raise ConfigError(
                 f"the tokenizer {tokenizer_source} ({len(given)} tokens) is not the one of the text tower "
-                f"student.text_pretrained_path={text_path} ({reference}, {len(own)} tokens; e.g. {differ!r} is id "
+                f"{key}={text_path} ({reference}, {len(own)} tokens; e.g. {differ!r} is id "
                 f"{own.get(differ)} there, {given.get(differ)} here): {fix}"
             )
         return
@@ -196,5 +203,5 @@ def check_text_tokenizer(
     if not (0 <= model_vocab - tokenizer.vocab_size < 128):
         raise ConfigError(
             f"the tokenizer {tokenizer_source} has {tokenizer.vocab_size} tokens but the text tower "
-            f"student.text_pretrained_path={text_path} has {model_vocab} embeddings: {fix}"
+            f"{key}={text_path} has {model_vocab} embeddings: {fix}"
         )

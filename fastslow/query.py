@@ -19,8 +19,11 @@ What must belong together, and is checked when the object is opened (`Retriever.
 
 - the index and the gallery embeddings were built by this student (``student_hash``) with these visual settings;
 - the token store holds this teacher's tokens (``teacher_hash``) of the index's gallery (``gallery_hash``);
-- the fusion weights were tuned for this student, teacher and index (its gallery and kind) and query length; a k
-  they were not tuned at is refused when it is asked for.
+- the fusion weights were tuned for this student, teacher (and the teacher's tokenizer, ``teacher_tokenizer_hash``)
+  and index (its gallery and kind) and query length; a k they were not tuned at is refused when it is asked for.
+
+The teacher reads queries through its own tokenizer (``teacher_tokenizer``, saved beside its weights), which may not
+be the student's (a BERT student, a teacher with a small caption vocabulary: ``teacher.tokenizer``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from fastslow import index as fs_index
-from fastslow.artefacts import atomic_write_json, check_stamp, read_json
+from fastslow.artefacts import atomic_write_json, check_stamp, file_hash, read_json
 from fastslow.combiner import adaptive_k, check_k, check_queries, hits, rerank, tune_alpha
 from fastslow.errors import QueryError, StaleArtefactError
 
@@ -155,12 +158,14 @@ def tune_on_split(
     on_error: str = "raise",
     ledger: Any = None,
     teacher_load_visual: Callable | None = None,
+    teacher_tokenizer: Any = None,
 ) -> tuple[dict[int, dict[str, float]], Any]:
     """Tune the fusion weight per k on a validation split: encode its items with both models, index them as the
     gallery is indexed (``index_kw``: the recipe's kind and parameters), rerank the student's top-max(ks).
 
     ``load_visual`` is the student's item loader; ``teacher_load_visual`` the teacher's when it differs (each model
     normalises with its own backbone's statistics, `stages.visual_loader(cfg, model)`); None: the same loader.
+    ``tokenizer`` is the student's; ``teacher_tokenizer`` the teacher's own (None: the student's).
 
     Returns:
         ``(tune_fuse_alphas(...), the split as read)``: under ``on_error="skip"`` the items that cannot be read and
@@ -197,19 +202,28 @@ def tune_on_split(
     k_max = min(max(ks), split.n_items)
     query = encode_texts_student(student, tokenizer, split.captions, max_length=max_length)
     v_s, v_ids = (torch.from_numpy(a) for a in fs_index.search(v_index, query, k_max))
-    scorer = StoreTeacherScorer(teacher, VisualTokens.cat([o[1] for o in v_out]), tokenizer, max_length)
+    scorer = StoreTeacherScorer(teacher, VisualTokens.cat([o[1] for o in v_out]), teacher_tokenizer or tokenizer,
+                                max_length)  # fmt: skip
     v_t = candidate_scores(scorer, split.captions, v_ids, text_batch)
     return tune_fuse_alphas(v_s, v_ids, v_t, torch.as_tensor(split.text_to_visual), ks, min_gain=min_gain), split
 
 
 def fuse_stamp(
-    *, student_hash: str, teacher_hash: str, index_manifest: dict[str, Any], val_split: str, max_length: int
+    *,
+    student_hash: str,
+    teacher_hash: str,
+    index_manifest: dict[str, Any],
+    val_split: str,
+    max_length: int,
+    teacher_tokenizer_hash: str | None = None,
 ) -> dict[str, Any]:
-    """What a tuned fusion weight depends on: both models, the index it reranks the candidates of (its gallery and
-    kind decide which candidates come back), the split it was tuned on and how queries are cut."""
+    """What a tuned fusion weight depends on: both models (and the tokenizer the teacher read the queries with), the
+    index it reranks the candidates of (its gallery and kind decide which candidates come back), the split it was
+    tuned on and how queries are cut."""
     return {
         "student_hash": student_hash,
         "teacher_hash": teacher_hash,
+        "teacher_tokenizer_hash": teacher_tokenizer_hash,
         "index_gallery_hash": index_manifest["gallery_hash"],
         "index.kind": index_manifest.get("kind"),
         "val_split": val_split,
@@ -266,6 +280,8 @@ class Retriever:
         student, tokenizer, max_length: the student (eval mode), its tokenizer and query length.
         index, manifest: the faiss index of the gallery and its manifest (`fastslow.index.load_index`).
         teacher, store: the teacher and the gallery's `TokenStore` (None: only ``fast`` mode works).
+        teacher_tokenizer: the teacher's own tokenizer, which turns queries into the teacher's ids (None: the
+            student's, when both share one).
         alphas: tuned fusion weight per k; ``alpha``: one weight for every k (overrides ``alphas``).
         fuse_loader: called once, on the first ``fuse`` search, to load ``alphas`` (a file checked lazily, so that a
             mode that does not fuse never reads it).
@@ -288,19 +304,24 @@ class Retriever:
         fuse_loader: Callable[[], dict[int, float] | None] | None = None,
         batch_size: int = 64,
         embeddings_loader: Callable[[], np.ndarray] | None = None,
+        teacher_tokenizer: Any = None,
     ) -> None:
         from fastslow.evaluation import StoreTeacherScorer
 
         self.student, self.tokenizer, self.max_length = student, tokenizer, max_length
         self.index, self.manifest = index, manifest
         self.teacher, self.store = teacher, store
-        self.scorer = None if teacher is None else StoreTeacherScorer(teacher, store, tokenizer, max_length)
+        self.teacher_tokenizer = teacher_tokenizer or tokenizer
+        self.scorer = None
+        if teacher is not None:
+            self.scorer = StoreTeacherScorer(teacher, store, self.teacher_tokenizer, max_length)
         self.alpha, self.alphas, self._fuse_loader = alpha, alphas, fuse_loader
         self.batch_size = batch_size
         self.logit_scale = float(student.inverse_temperature())
         self._embeddings_loader, self._embeddings = embeddings_loader, None
         self.student_hash: str | None = None  # set by `open`: what the artefacts were checked against
         self.teacher_hash: str | None = None
+        self.teacher_tokenizer_hash: str | None = None
         self.fuse_path: str | Path | None = None  # where `alphas` came from, and what rebuilds it (in errors)
         self.rebuild_fuse = "tools/rerank_eval.py"
 
@@ -316,6 +337,8 @@ class Retriever:
         max_length: int,
         teacher: Any = None,
         teacher_hash: str | None = None,
+        teacher_tokenizer: Any = None,
+        teacher_tokenizer_hash: str | None = None,
         settings: dict[str, Any] | None = None,
         gallery_hash: str | None = None,
         fuse_file: str | Path | None = None,
@@ -333,6 +356,8 @@ class Retriever:
             student, tokenizer, student_hash: the student and the hash of its weights.
             max_length: query length (part of the fusion weights' stamp).
             teacher, teacher_hash: the teacher and its weights' hash; None opens no token store (``fast`` only).
+            teacher_tokenizer, teacher_tokenizer_hash: the teacher's own tokenizer (None: the student's) and the hash
+                of its file (the fusion weights are stamped with it).
             settings: the visual settings every stamp carries (e.g. ``{"data.image_size": 64}``).
             gallery_hash: the gallery the caller expects (an evaluation knows its split); None trusts the manifest.
             fuse_file: the tuned fusion weights (``fuse_alpha.json``); None, or a file that does not exist, uses
@@ -369,15 +394,17 @@ class Retriever:
         if fuse_file is not None and teacher is not None:
             split = val_split or manifest.get("split", "").rpartition("/")[0] + "/val"
             want = fuse_stamp(student_hash=student_hash, teacher_hash=teacher_hash, index_manifest=manifest,
-                              val_split=split, max_length=max_length)  # fmt: skip
+                              val_split=split, max_length=max_length,
+                              teacher_tokenizer_hash=teacher_tokenizer_hash)  # fmt: skip
 
             def fuse_loader():
                 return load_fuse_alphas(fuse_file, want, rebuild_fuse) if Path(fuse_file).is_file() else None
 
         out = cls(student, tokenizer, index, manifest, max_length=max_length, teacher=teacher, store=store,
                   alpha=alpha, fuse_loader=fuse_loader, batch_size=batch_size,
-                  embeddings_loader=embeddings)  # fmt: skip
+                  embeddings_loader=embeddings, teacher_tokenizer=teacher_tokenizer)  # fmt: skip
         out.student_hash, out.teacher_hash = student_hash, teacher_hash
+        out.teacher_tokenizer_hash = teacher_tokenizer_hash
         out.fuse_path, out.rebuild_fuse = fuse_file, rebuild_fuse
         return out
 
@@ -391,8 +418,10 @@ class Retriever:
         student, _, tok = stages.load_trained(student_dir, "student")
         kw: dict[str, Any] = {}
         if teacher:
-            kw["teacher"], _, _ = stages.load_trained(teacher_dir, "teacher")
+            # The teacher reads queries through its own tokenizer, saved beside its weights.
+            kw["teacher"], _, kw["teacher_tokenizer"] = stages.load_trained(teacher_dir, "teacher")
             kw["teacher_hash"] = stages.weights_hash(teacher_dir / "model.safetensors")
+            kw["teacher_tokenizer_hash"] = file_hash(teacher_dir / "tokenizer.json")
         fix = f"{stages.rebuild_command(cfg, 'rerank_eval.py')} (it tunes the weights), or set combiner.alpha"
         return cls.open(
             stages.stage_dir(cfg, "index"),

@@ -136,13 +136,30 @@ class TokenizerConfig:
 
 
 @dataclass
+class TeacherTokenizerConfig:
+    """`teacher.tokenizer`: the teacher's own tokenizer, apart from the student's (`tokenizer`). Its vocabulary is
+    the captioner's softmax at every position in both directions: a student with a BERT tower needs BERT's 30k
+    vocabulary, the teacher does not (docs/SCALING.md). Settings equal to the student's share its file."""
+
+    # A local HF tokenizer (a dir holding tokenizer.json / vocab.txt); null: the tokenizer of
+    # teacher.text_pretrained_path when that is set, else one trained on the train captions.
+    path: str | None = MISSING
+    vocab_size: int = key(ge=5)  # of the one trained on the captions (base.yaml: ${tokenizer.vocab_size})
+
+
+@dataclass
 class TeacherConfig:
-    """`teacher`: a registry name (`teachers.list_teachers()`) and `CaptionerConfig` fields (null: default)."""
+    """`teacher`: a registry name (`teachers.list_teachers()`) and `CaptionerConfig` fields (null: default);
+    `tokenizer` is read by fastslow.stages, not by the builder."""
 
     name: str = MISSING
+    tokenizer: TeacherTokenizerConfig = field(default_factory=TeacherTokenizerConfig)
     cross_attn: CrossAttn | None = MISSING
     directions: int | None = key(ge=1, le=2)
     pretrained_path: str | None = MISSING
+    # A local BERT-family HF directory that starts the text decoder (BLIP-style; its size decides the decoder's and
+    # its tokenizer becomes the teacher's unless teacher.tokenizer.path is set); null: a decoder from scratch.
+    text_pretrained_path: str | None = MISSING
     # The image loader feeding the teacher; null: its backbone's own (timm.data.resolve_model_data_config), so a
     # pretrained backbone sees pixels normalised as in its training. Three values each (RGB, in [0, 1] units).
     image_mean: list[float] | None = key(None, ge=0, le=1)

@@ -86,16 +86,8 @@ def tokenizer_source(cfg: DictConfig) -> str | None:
     if cfg.tokenizer.path:
         return str(cfg.tokenizer.path)
     if cfg.student.text_pretrained_path:
-        from fastslow.pretrained import resolve_text_dir
-
-        directory = resolve_text_dir(cfg.student.text_pretrained_path)
-        if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-            raise ConfigError(
-                f"student.text_pretrained_path={cfg.student.text_pretrained_path}: no tokenizer.json or vocab.txt in "
-                f"{directory}, and tokenizer.path is null: set tokenizer.path to the tokenizer this text tower was "
-                f"trained with (a tokenizer trained on the captions would feed it ids it does not know)"
-            )
-        return str(directory)
+        return _pretrained_tokenizer_dir(cfg.student.text_pretrained_path, "student.text_pretrained_path",
+                                         "tokenizer.path")  # fmt: skip
     return None
 
 
@@ -305,25 +297,60 @@ def tokenizer_path(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) / "tokenizer.json"
 
 
-def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerator=None) -> TextTokenizer:
-    """The run's tokenizer: a local pretrained one (tokenizer.path; by default, with a pretrained text tower, the one
-    in `student.text_pretrained_path`), or one trained on the training captions once and saved as
-    `${output_dir}/tokenizer.json` for every later stage to reuse.
+def teacher_tokenizer_source(cfg: DictConfig) -> str | None:
+    """Where the teacher's tokenizer comes from: `teacher.tokenizer.path`; else, for a decoder that starts from a
+    BERT (`teacher.text_pretrained_path`), the tokenizer saved with it; else None (trained on the captions with
+    `teacher.tokenizer.vocab_size`)."""
+    if cfg.teacher.tokenizer.path:
+        return str(cfg.teacher.tokenizer.path)
+    if cfg.teacher.text_pretrained_path:
+        return _pretrained_tokenizer_dir(cfg.teacher.text_pretrained_path, "teacher.text_pretrained_path",
+                                         "teacher.tokenizer.path")  # fmt: skip
+    return None
 
-    A pretrained text tower is checked against the tokenizer here, before any model is built or trained
-    (`fastslow.pretrained.check_text_tokenizer`): a trained 8k tokenizer or another model's vocabulary is refused.
 
-    The file is stamped with the `tokenizer.*` settings it was made with (`tokenizer.stamp.json`); an existing one
-    made with other settings, or with no stamp, is refused rather than reused (every model built on it would
-    otherwise use another vocabulary than the recipe says).
+def _pretrained_tokenizer_dir(text_path: str, key: str, tokenizer_key: str) -> str:
+    """The directory of a pretrained text model (`resolve_text_dir`), which must hold its tokenizer."""
+    from fastslow.pretrained import resolve_text_dir
 
-    Raises:
-        StaleArtefactError: `${output_dir}/tokenizer.json` was made with other `tokenizer.*` settings (named).
-        ConfigError: the tokenizer is not the one of `student.text_pretrained_path`.
-    """
-    path = tokenizer_path(cfg)
-    wanted = tokenizer_stamp(cfg)
-    source = wanted["tokenizer.path"]
+    directory = resolve_text_dir(text_path, key=key)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise ConfigError(
+            f"{key}={text_path}: no tokenizer.json or vocab.txt in {directory}, and {tokenizer_key} is null: set "
+            f"{tokenizer_key} to the tokenizer this text model was trained with (a tokenizer trained on the captions "
+            f"would feed it ids it does not know)"
+        )
+    return str(directory)
+
+
+def teacher_tokenizer_stamp(cfg: DictConfig) -> dict[str, Any]:
+    """The `teacher.tokenizer.*` settings that decide the teacher's tokenizer file (as `tokenizer_stamp`)."""
+    path = teacher_tokenizer_source(cfg)
+    return {
+        "teacher.tokenizer.path": path,
+        "teacher.tokenizer.vocab_size": None if path else int(cfg.teacher.tokenizer.vocab_size),
+    }
+
+
+def teacher_shares_tokenizer(cfg: DictConfig) -> bool:
+    """True when the teacher's tokenizer settings are the student's (the default: both trained on the captions with
+    `tokenizer.vocab_size`): both then use `${output_dir}/tokenizer.json`, one file made once, as before the teacher
+    had settings of its own, so such runs, their caches and their figures are unchanged."""
+    return list(teacher_tokenizer_stamp(cfg).values()) == list(tokenizer_stamp(cfg).values())
+
+
+def teacher_tokenizer_path(cfg: DictConfig) -> Path:
+    """The teacher's tokenizer file: the shared `tokenizer.json`, or `${output_dir}/teacher_tokenizer.json`."""
+    return tokenizer_path(cfg) if teacher_shares_tokenizer(cfg) else Path(cfg.output_dir) / "teacher_tokenizer.json"
+
+
+def _make_or_check_tokenizer(
+    cfg: DictConfig, path: Path, wanted: dict[str, Any], source: str | None, vocab_size: int, train_split, accelerator
+) -> TextTokenizer:
+    """The tokenizer file at ``path``: made once (``source`` loaded, or trained on the training captions with
+    ``vocab_size``) and stamped with ``wanted``; an existing one made with other settings, or with no stamp, is
+    refused rather than reused (every model built on it would otherwise use another vocabulary than the recipe
+    says)."""
     if not path.is_file():
         if accelerator is None or accelerator.is_main_process:
             if source:
@@ -331,18 +358,38 @@ def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerat
             else:
                 if train_split is None:
                     raise FileNotFoundError(f"{path} not found: run tools/train_teacher.py recipe={cfg.recipe} first")
-                tok = train_tokenizer(train_split.captions, vocab_size=cfg.tokenizer.vocab_size)
+                tok = train_tokenizer(train_split.captions, vocab_size=vocab_size)
             path.parent.mkdir(parents=True, exist_ok=True)
             tok.save(path, stamp=wanted)
         if accelerator is not None:
             accelerator.wait_for_everyone()
     # The benchmarks share one tokenizer by a symlink to it: its stamp lies beside the file itself.
     fix = (
-        f"delete {path} (and tokenizer.stamp.json beside it) to make a new one, or choose another output_dir; "
-        f"the teacher and student of {cfg.output_dir} were built on the old one and must then be retrained"
+        f"delete {path} (and the .stamp.json beside it) to make a new one, or choose another output_dir; "
+        f"the models of {cfg.output_dir} built on the old one must then be retrained"
     )
     check_stamp(path.resolve(), wanted, fix)
-    tok = TextTokenizer.from_file(path)
+    return TextTokenizer.from_file(path)
+
+
+def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerator=None) -> TextTokenizer:
+    """The student's tokenizer: a local pretrained one (tokenizer.path; by default, with a pretrained text tower, the
+    one in `student.text_pretrained_path`), or one trained on the training captions once and saved as
+    `${output_dir}/tokenizer.json` for every later stage to reuse.
+
+    A pretrained text tower is checked against the tokenizer here, before any model is built or trained
+    (`fastslow.pretrained.check_text_tokenizer`): a trained 8k tokenizer or another model's vocabulary is refused.
+
+    The file is stamped with the `tokenizer.*` settings it was made with (`tokenizer.stamp.json`) and refused when
+    they differ.
+
+    Raises:
+        StaleArtefactError: `${output_dir}/tokenizer.json` was made with other `tokenizer.*` settings (named).
+        ConfigError: the tokenizer is not the one of `student.text_pretrained_path`.
+    """
+    path, wanted = tokenizer_path(cfg), tokenizer_stamp(cfg)
+    source = wanted["tokenizer.path"]
+    tok = _make_or_check_tokenizer(cfg, path, wanted, source, cfg.tokenizer.vocab_size, train_split, accelerator)
     if cfg.student.text_pretrained_path:
         from fastslow.pretrained import check_text_tokenizer
 
@@ -350,12 +397,43 @@ def get_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerat
     return tok
 
 
+def get_teacher_tokenizer(cfg: DictConfig, train_split: RetrievalSplit | None, accelerator=None) -> TextTokenizer:
+    """The teacher's own tokenizer (`teacher.tokenizer`), independent of the student's: with settings equal to the
+    student's, the shared `get_tokenizer` file; else `${output_dir}/teacher_tokenizer.json`, made and checked as
+    that one is. The trained teacher keeps a copy beside its weights (`load_trained`), which every stage that scores
+    with the teacher uses.
+
+    Raises:
+        StaleArtefactError: the file was made with other `teacher.tokenizer.*` settings (named).
+    """
+    if teacher_shares_tokenizer(cfg):
+        tok, source = get_tokenizer(cfg, train_split, accelerator), tokenizer_source(cfg)
+    else:
+        wanted = teacher_tokenizer_stamp(cfg)
+        source = wanted["teacher.tokenizer.path"]
+        path = teacher_tokenizer_path(cfg)
+        tok = _make_or_check_tokenizer(
+            cfg, path, wanted, source, cfg.teacher.tokenizer.vocab_size, train_split, accelerator
+        )
+    if cfg.teacher.text_pretrained_path:  # a decoder from a BERT reads that BERT's ids, none other
+        from fastslow.pretrained import check_text_tokenizer
+
+        source = source or f"{teacher_tokenizer_path(cfg)} (trained on the captions)"
+        check_text_tokenizer(cfg.teacher.text_pretrained_path, tok, source, key="teacher.text_pretrained_path",
+                             tokenizer_key="teacher.tokenizer.path")  # fmt: skip
+    return tok
+
+
 # ---------------------------------------------------------------- models
+
+
+# Keys of a model's recipe section that are not its builder's arguments (the teacher's tokenizer is made here).
+NOT_BUILDER_KEYS = ("name", "tokenizer")
 
 
 def model_kwargs(cfg: DictConfig, section: DictConfig, tokenizer: TextTokenizer) -> dict[str, Any]:
     """Builder arguments: the recipe section plus what the data decides (vocabulary, sizes, modality)."""
-    kw = to_kwargs(section, drop=("name",))
+    kw = to_kwargs(section, drop=NOT_BUILDER_KEYS)
     kw.update(modality=modality(cfg), vocab_size=tokenizer.vocab_size, max_length=cfg.data.max_length)
     if modality(cfg) == "image":
         kw["image_size"] = cfg.data.image_size
@@ -389,8 +467,13 @@ def weights_hash(path: str | os.PathLike) -> str:
 
 # The recipe keys that name local pretrained files: read once, when a model is first built for training; its weights
 # then live in its own checkpoint, so a trained model is rebuilt without them (the run may have moved machines).
-PRETRAINED_KEYS = {"teacher": ("pretrained_path",), "student": ("image_pretrained_path", "text_pretrained_path")}
-TEXT_CONFIG = "text_config.json"  # the architecture of a student's pretrained text tower, saved beside its weights
+PRETRAINED_KEYS = {
+    "teacher": ("pretrained_path", "text_pretrained_path"),
+    "student": ("image_pretrained_path", "text_pretrained_path"),
+}
+# The architecture of a pretrained text model (a student's text tower, a teacher's decoder from BERT), saved beside
+# its weights.
+TEXT_CONFIG = "text_config.json"
 
 
 def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Module, DictConfig, TextTokenizer]:
@@ -424,13 +507,13 @@ def load_trained(directory: str | os.PathLike, kind: str) -> tuple[torch.nn.Modu
     tok = TextTokenizer.from_file(tokenizer_file)
     section = OmegaConf.to_container(cfg[kind], resolve=True)
     overrides: dict[str, Any] = {key: None for key in PRETRAINED_KEYS[kind] if section.get(key)}
-    if kind == "student" and section.get("text_pretrained_path"):
+    if section.get("text_pretrained_path"):
         text_config = directory / TEXT_CONFIG
         if not text_config.is_file():
             raise CheckpointError(
-                f"{directory} was trained with student.text_pretrained_path={section['text_pretrained_path']}, whose "
+                f"{directory} was trained with {kind}.text_pretrained_path={section['text_pretrained_path']}, whose "
                 f"architecture is not saved beside its weights ({TEXT_CONFIG} is missing: a run of an older fastslow): "
-                f"make that directory available again, or retrain with tools/distill.py"
+                f"make that directory available again, or retrain with tools/{tool}"
             )
         overrides["text_config"] = read_json(text_config, fix)
     build = copy.deepcopy(cfg)  # the caller gets the config as saved; only the build ignores the pretrained files
@@ -506,18 +589,19 @@ def save_run_config(cfg: DictConfig, directory: Path, model: torch.nn.Module | N
     """
     files = run_files(directory, model)
     save_config(cfg, files["config.yaml"])
-    if TEXT_CONFIG in files:
-        atomic_write_json(files[TEXT_CONFIG], model.text.encoder.config.to_dict())
+    if TEXT_CONFIG in files:  # a teacher keeps its BERT's config in its own; a student's is its text encoder's
+        text_config = getattr(model.config, "text_config", None) or model.text.encoder.config.to_dict()
+        atomic_write_json(files[TEXT_CONFIG], text_config)
     return files
 
 
 def prepare_training(
-    cfg: DictConfig, accelerator, ledger: SkipLedger | None = None
+    cfg: DictConfig, accelerator, ledger: SkipLedger | None = None, kind: str = "student"
 ) -> tuple[RetrievalSplit, RetrievalSplit, TextTokenizer]:
     """What both training stages start from: the config shown, the data in place, the train and val
     splits (their load-time drops recorded in `ledger`; val cut to `eval.val_items` items, a fixed sample) and the
-    run's tokenizer. The item loader is the model's (`visual_loader(cfg, model)`), so it is made once the model is
-    built."""
+    tokenizer of the model trained (``kind``: "teacher" gets `get_teacher_tokenizer`, "student" `get_tokenizer`).
+    The item loader is the model's (`visual_loader(cfg, model)`), so it is made once the model is built."""
     print_config(cfg, accelerator)
     ensure_shapes(cfg, accelerator)
     train, full_val = load_split(cfg, "train", ledger), load_split(cfg, "val", ledger)
@@ -528,7 +612,8 @@ def prepare_training(
             f"({val.n_texts} of {full_val.n_texts} captions; eval.val_items={cfg.eval.val_items})",
             flush=True,
         )
-    return train, val, get_tokenizer(cfg, train, accelerator)
+    make = get_teacher_tokenizer if kind == "teacher" else get_tokenizer
+    return train, val, make(cfg, train, accelerator)
 
 
 def print_config(cfg: DictConfig, accelerator=None) -> None:

@@ -18,6 +18,12 @@ conditioned on the item generates the text. This file builds that captioner:
   EOS`, see `reverse_tokens`). By default one decoder serves both directions, told apart by a learned direction
   embedding added to every input position (`share_directions=True`: half the parameters of two decoders, and both
   directions train the same cross-attention); `share_directions=False` gives each direction its own decoder.
+* **A decoder that starts from BERT** (`text_pretrained_path`, a local Hugging Face BERT-family directory), as BLIP
+  builds its captioner from bert-base (Li et al. 2022, `models/med.py`): each decoder layer takes one BERT layer's
+  self-attention (made causal), feed-forward and LayerNorms, in BERT's post-norm layout, with a cross-attention
+  block added fresh between the two; the token and position embeddings and the embedding LayerNorm come from BERT,
+  whose hidden size, heads and depth then decide the decoder's (the depth split into the cross-attention groups).
+  The visual tokens are projected to BERT's width; the direction embedding and the LM head transform are new.
 
 Score (`Captioner.score`), the length-normalised log-likelihood summed over the directions::
 
@@ -43,7 +49,8 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from fastslow.data.loaders import resolve_image_config
-from fastslow.pretrained import create_timm_backbone
+from fastslow.errors import CheckpointError
+from fastslow.pretrained import create_timm_backbone, resolve_text_dir
 from teachers import register_teacher
 from teachers.tokens import VisualTokens
 
@@ -83,6 +90,12 @@ class CaptionerConfig:
     temporal_pool: tuple[int, ...] = (4, 2, 1)  # video: pooling factor per temporal scale, coarse -> fine
     temporal_depth: int = 1  # video: transformer layers over frames before pooling
     merge_ratio: float = 0.0  # scoring only: share of visual tokens merged before each decoder group after the first
+    # A local BERT-family directory (save_pretrained, a Hub or sentence-transformers snapshot) whose embeddings and
+    # layers start the text decoder; its size replaces embed_dim / num_heads / mlp_ratio / group_depths.
+    text_pretrained_path: str | None = None
+    # The BERT config (`config.to_dict()`) of such a decoder: rebuilds its architecture without the directory (a
+    # trained teacher keeps it as text_config.json beside its weights). Set from the directory when it is read.
+    text_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML as lists; keep them hashable and printable the same way.
@@ -121,6 +134,15 @@ class CaptionerConfig:
     @property
     def depth(self) -> int:
         return sum(self.group_depths)
+
+    @property
+    def bert_layout(self) -> bool:
+        """True: post-norm BERT layers (a decoder from `text_pretrained_path` / `text_config`); False: pre-norm."""
+        return self.text_config is not None
+
+    @property
+    def norm_eps(self) -> float:
+        return float(self.text_config.get("layer_norm_eps", 1e-12)) if self.bert_layout else 1e-5
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -284,25 +306,37 @@ class CrossAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer: x += SA(LN x) (causal); x += CA(LN x, visual); x += MLP(LN x)."""
+    """Pre-norm decoder layer: x += SA(LN x) (causal); x += CA(LN x, visual); x += MLP(LN x).
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+    ``post_norm=True`` is BERT's layout (and BLIP's decoder built from it): x = LN(x + SA(x)); x = LN(x + CA(x));
+    x = LN(x + MLP(x)), so the layer computes what a BERT layer does once its cross-attention is added.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, post_norm: bool = False,
+                 eps: float = 1e-5):  # fmt: skip
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.self_attn = SelfAttention(dim, num_heads, causal=True, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.cross_attn = CrossAttention(dim, num_heads, dropout=dropout)
-        self.norm3 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=dropout)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        # round: a BERT's intermediate_size / hidden_size ratio gives its width back exactly (int() may fall short)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), drop=dropout)
         self.drop = nn.Dropout(dropout)
 
     def self_block(self, x: Tensor) -> Tensor:
         """[B, L, D] -> [B, L, D]."""
+        if self.post_norm:
+            return self.norm1(x + self.drop(self.self_attn(x)))
         return x + self.drop(self.self_attn(self.norm1(x)))
 
     def cross_block(self, x: Tensor, memory: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
         """x [V, m, L, D] (m texts per visual item) -> [V, m, L, D]."""
         V, m, L, D = x.shape
+        if self.post_norm:
+            x = self.norm2(x + self.drop(self.cross_attn(x.reshape(V, m * L, D), memory, attn_mask).view(V, m, L, D)))
+            return self.norm3(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.cross_attn(self.norm2(x).reshape(V, m * L, D), memory, attn_mask).view(V, m, L, D))
         return x + self.drop(self.mlp(self.norm3(x)))
 
@@ -470,22 +504,28 @@ class TextDecoder(nn.Module):
 
     def __init__(self, cfg: CaptionerConfig, num_direction_embeddings: int):
         super().__init__()
-        D = cfg.embed_dim
+        D, post, eps = cfg.embed_dim, cfg.bert_layout, cfg.norm_eps
         self.tok_embed = nn.Embedding(cfg.vocab_size, D)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_length, D))
         self.dir_embed = nn.Parameter(torch.zeros(num_direction_embeddings, D)) if num_direction_embeddings else None
+        # BERT normalises its embeddings (post-norm layers expect normalised inputs); the pre-norm decoder does not.
+        self.embed_norm = nn.LayerNorm(D, eps=eps) if post else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
-            DecoderLayer(D, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+            DecoderLayer(D, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, post_norm=post, eps=eps)
+            for _ in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(D)
+        # Pre-norm: the final LayerNorm. Post-norm (BERT): the last layer's output is normalised already, and BERT's
+        # LM head transform (dense, GELU, LayerNorm; BertLMPredictionHead, fresh here) comes before the tied softmax.
+        self.norm = nn.LayerNorm(D) if not post else nn.Identity()
+        self.head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D, eps=eps)) if post else nn.Identity()
 
     def embed(self, ids: Tensor, direction: int) -> Tensor:
         """ids [m, L] -> layer-0 self-attention output [m, L, D], which depends on the text only (not the item)."""
         x = self.tok_embed(ids) + self.pos_embed[: ids.shape[1]]
         if self.dir_embed is not None:
             x = x + self.dir_embed[direction]
-        return self.layers[0].self_block(self.drop(x))
+        return self.layers[0].self_block(self.drop(self.embed_norm(x)))
 
     def memories(self, layer_tokens: list[tuple[Tensor, Tensor | None]]) -> list[tuple[tuple[Tensor, Tensor], Any]]:
         """Per layer: cross-attention keys/values of the tokens it reads, and their SDPA mask (bool or float bias).
@@ -506,7 +546,7 @@ class TextDecoder(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """[..., D] -> [..., vocab] through the tied embedding (Press & Wolf 2017)."""
-        return F.linear(h, self.tok_embed.weight)
+        return F.linear(self.head(h), self.tok_embed.weight)
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -530,6 +570,9 @@ class Captioner(nn.Module):
         self.layer_scales = [g for g, depth in zip(groups, cfg.group_depths) for _ in range(depth)]
         self.layer_groups = [g for g, depth in enumerate(cfg.group_depths) for _ in range(depth)]
         self._init_weights()
+        if cfg.text_pretrained_path:
+            for dec in self.decoders:
+                _load_bert_decoder(dec, cfg)
 
     @property
     def data_config(self) -> dict[str, Any] | None:
@@ -863,6 +906,112 @@ class Captioner(nn.Module):
         return out
 
 
+# --------------------------------------------------------------------------------------------------- from BERT
+_BERT_KEY = "teacher.text_pretrained_path"
+_BERT_ACTS = ("gelu",)  # the decoder's MLP is timm's Mlp with nn.GELU (exact erf): BERT's "gelu"
+
+
+def _bert_config(path: str, fix: str) -> dict[str, Any]:
+    """The `transformers` config of the BERT-family model in the directory ``path`` (`resolve_text_dir`), checked to
+    be one the decoder can take its layers from."""
+    from transformers import AutoConfig
+
+    directory = resolve_text_dir(path, key=_BERT_KEY)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True).to_dict()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{_BERT_KEY}={path}: {directory}/config.json does not load ({e}); {fix}") from e
+    problems = []
+    if config.get("model_type") != "bert":
+        problems.append(f"model_type={config.get('model_type')!r}, not a BERT-family encoder ('bert')")
+    if config.get("hidden_act") not in _BERT_ACTS:
+        problems.append(f"hidden_act={config.get('hidden_act')!r} (the decoder's MLP is exact GELU: 'gelu')")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type={config['position_embedding_type']!r} (absolute only)")
+    if problems:
+        raise CheckpointError(f"{_BERT_KEY}={path}: {'; '.join(problems)}; {fix}")
+    return config
+
+
+def _bert_sizes(text_config: dict[str, Any], kwargs: dict[str, Any], fix: str) -> dict[str, Any]:
+    """The decoder sizes a BERT config decides: width, heads, MLP ratio, vocabulary, and its depth split into the
+    builder's cross-attention groups as evenly as possible (the first groups take the remainder), so the
+    coarse-to-fine schedule keeps one group per visual scale."""
+    groups = len(kwargs.get("group_depths", CaptionerConfig.group_depths))
+    depth, width = int(text_config["num_hidden_layers"]), int(text_config["hidden_size"])
+    if depth < groups:
+        raise CheckpointError(
+            f"{_BERT_KEY}: a {depth}-layer BERT cannot fill the decoder's {groups} cross-attention groups (one per "
+            f"visual scale, coarse to fine); {fix}"
+        )
+    vocab, tokens = int(text_config["vocab_size"]), int(kwargs.get("vocab_size", CaptionerConfig.vocab_size))
+    if tokens > vocab:
+        raise CheckpointError(
+            f"{_BERT_KEY}: the tokenizer has {tokens} tokens but the BERT has {vocab} embeddings (size mismatch): use "
+            f"the tokenizer saved with it (teacher.tokenizer.path=null); {fix}"
+        )
+    max_pos, length = int(text_config["max_position_embeddings"]), int(kwargs.get("max_length", 32))
+    if length > max_pos:
+        raise CheckpointError(
+            f"{_BERT_KEY}: data.max_length={length} exceeds the BERT's max_position_embeddings={max_pos}; {fix}"
+        )
+    base, extra = divmod(depth, groups)
+    return {
+        "embed_dim": width,
+        "num_heads": int(text_config["num_attention_heads"]),
+        "mlp_ratio": int(text_config["intermediate_size"]) / width,
+        "group_depths": tuple(base + (g < extra) for g in range(groups)),
+        "vocab_size": vocab,  # the model's table (ids of its own tokenizer are below it)
+    }
+
+
+@torch.no_grad()
+def _load_bert_decoder(dec: TextDecoder, cfg: CaptionerConfig) -> None:
+    """Copy a local BERT's embeddings and layers into ``dec`` (BLIP's decoder from bert-base, `models/med.py`):
+    layer i's self-attention (q, k, v into one projection), its output dense and LayerNorm, the feed-forward and
+    its LayerNorm; the token, position (+ token type 0, folded in: the decoder reads one segment) embeddings and
+    their LayerNorm. Cross-attention, its LayerNorm, the direction embedding and the LM head stay fresh."""
+    from transformers import AutoModel
+
+    fix = "point it at a save_pretrained BERT directory (config.json and its weights), or set it to null"
+    directory = resolve_text_dir(cfg.text_pretrained_path, key=_BERT_KEY)
+    try:
+        bert = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:  # no weights file; torch's size mismatch against config.json
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        raise CheckpointError(
+            f"{_BERT_KEY}={cfg.text_pretrained_path}: {directory} does not load ({first}); {fix}"
+        ) from e
+    w = bert.state_dict()
+    emb = "embeddings."
+
+    def put(dst: Tensor, src: Tensor, name: str) -> None:
+        if dst.shape != src.shape:
+            raise CheckpointError(
+                f"{_BERT_KEY}={cfg.text_pretrained_path}: {name} is {tuple(src.shape)} in {directory}, the decoder "
+                f"needs {tuple(dst.shape)} (size mismatch); {fix}"
+            )
+        dst.copy_(src)
+
+    put(dec.tok_embed.weight, w[emb + "word_embeddings.weight"], "word_embeddings")
+    pos = w[emb + "position_embeddings.weight"][: dec.pos_embed.shape[0]]
+    types = w.get(emb + "token_type_embeddings.weight")
+    put(dec.pos_embed, pos + (types[0] if types is not None else 0), "position_embeddings")
+    put(dec.embed_norm.weight, w[emb + "LayerNorm.weight"], "embeddings.LayerNorm")
+    put(dec.embed_norm.bias, w[emb + "LayerNorm.bias"], "embeddings.LayerNorm")
+    for i, layer in enumerate(dec.layers):
+        p = f"encoder.layer.{i}."
+        a = p + "attention.self."
+        for kind in ("weight", "bias"):
+            qkv = torch.cat([w[a + f"{n}.{kind}"] for n in ("query", "key", "value")])
+            put(getattr(layer.self_attn.qkv, kind), qkv, a + "query/key/value")
+            put(getattr(layer.self_attn.proj, kind), w[p + f"attention.output.dense.{kind}"], p + "attention.output")
+            put(getattr(layer.norm1, kind), w[p + f"attention.output.LayerNorm.{kind}"], p + "attention LayerNorm")
+            put(getattr(layer.mlp.fc1, kind), w[p + f"intermediate.dense.{kind}"], p + "intermediate")
+            put(getattr(layer.mlp.fc2, kind), w[p + f"output.dense.{kind}"], p + "output")
+            put(getattr(layer.norm3, kind), w[p + f"output.LayerNorm.{kind}"], p + "output LayerNorm")
+
+
 # --------------------------------------------------------------------------------------------------- builders
 def _create_captioner(variant: str, **kwargs: Any) -> Captioner:
     valid = [f.name for f in fields(CaptionerConfig)]
@@ -874,6 +1023,12 @@ def _create_captioner(variant: str, **kwargs: Any) -> Captioner:
                 + (f"; did you mean {near}?" if near else "")
                 + f" Valid options: {valid}"
             )
+    if kwargs.get("text_config") is None and kwargs.get("text_pretrained_path"):
+        fix = "point teacher.text_pretrained_path at a BERT-family directory, or set it to null"
+        kwargs["text_config"] = _bert_config(kwargs["text_pretrained_path"], fix)
+    if kwargs.get("text_config") is not None:  # the BERT decides the decoder's size (a saved config: a moved run)
+        fix = "point teacher.text_pretrained_path at another BERT, or set it to null"
+        kwargs.update(_bert_sizes(kwargs["text_config"], kwargs, fix))
     return Captioner(CaptionerConfig(**kwargs))
 
 

@@ -58,7 +58,7 @@ from fastslow.evaluation import encode_items, encode_texts_student
 from fastslow.index import build_index, load_embeddings, load_index, save_embeddings, save_index
 from fastslow.score_cache import CacheMismatchError, TeacherScoreCache
 from fastslow.tokenizer import TextTokenizer, load_pretrained_tokenizer, train_tokenizer
-from teachers import TokenStore
+from teachers import TokenStore, create_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_HINT = "data.on_error=skip"
@@ -720,6 +720,24 @@ def _(tmp, w):
     other = load_recipe(["recipe=smoke", f"output_dir={tmp}", "tokenizer.vocab_size=100"])
     needles = ["tokenizer.vocab_size: saved 200, now 100", f"delete {tmp / 'tokenizer.json'}"]
     return lambda: stages.get_tokenizer(other, None), StaleArtefactError, needles
+
+
+@refused("tokenizer: the teacher's made with another teacher.tokenizer.vocab_size")
+def _(tmp, w):
+    cfg = load_recipe(["recipe=smoke", f"output_dir={tmp}", "teacher.tokenizer.vocab_size=150"])
+    stages.get_teacher_tokenizer(cfg, SimpleNamespace(captions=CAPTIONS))
+    other = load_recipe(["recipe=smoke", f"output_dir={tmp}", "teacher.tokenizer.vocab_size=120"])
+    needles = ["teacher.tokenizer.vocab_size: saved 150, now 120", f"delete {tmp / 'teacher_tokenizer.json'}"]
+    return lambda: stages.get_teacher_tokenizer(other, None), StaleArtefactError, needles
+
+
+@refused("model dir: teacher.text_pretrained_path of another architecture (not BERT)")
+def _(tmp, w):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=50, n_positions=32)).save_pretrained(tmp / "gpt2")
+    build = lambda: create_teacher("captioner_tiny", vocab_size=50, text_pretrained_path=str(tmp / "gpt2"))  # noqa: E731
+    return build, CheckpointError, ["teacher.text_pretrained_path", "model_type='gpt2'", "BERT-family"]
 
 
 # stamps -------------------------------------------------------------------------------------------------------

@@ -25,14 +25,14 @@ WORDS = "a an the dog cat red blue green square circle left right of is on two s
 TEXTS = ["a red dog left of the cat", "two small blue squares", "the big tree"]
 
 
-def _bert_dir(directory, words=WORDS, seed=0):
-    """A random 2-layer BERT and its WordPiece tokenizer, saved as a user's Hugging Face directory."""
+def _bert_dir(directory, words=WORDS, seed=0, layers=2):
+    """A random BERT (2 layers by default) and its WordPiece tokenizer, saved as a user's Hugging Face directory."""
     directory.mkdir(parents=True)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s"]
     tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     BertModel(config).save_pretrained(directory)  # model.safetensors + config.json
     return directory

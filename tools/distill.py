@@ -86,9 +86,11 @@ def main(argv=None) -> None:
         scorer = OracleScorer(GroundTruth(meta, train.item_ids, train.text_to_visual), tokenizer=tok)
         cache = None  # cheap, and never to be mixed with a teacher's scores
     elif mode != "none":
+        # The teacher reads texts through its own tokenizer (saved beside its weights), which may not be the
+        # student's (a BERT student, a teacher with a small caption vocabulary: teacher.tokenizer).
         teacher, _, teacher_tok = stages.load_trained(teacher_dir, "teacher")
-        if teacher_tok.vocab_size != tok.vocab_size:
-            raise RuntimeError(f"the teacher in {teacher_dir} uses another tokenizer than {stages.tokenizer_path(cfg)}")
+        teacher_tok_hash = file_hash(teacher_dir / "tokenizer.json")
+        same_tok = teacher_tok_hash == file_hash(stages.tokenizer_path(cfg))
         teacher_hash = stages.weights_hash(teacher_dir / "model.safetensors")
         teacher_directions = teacher.config.directions
         scorer = TeacherPairScorer(
@@ -96,13 +98,14 @@ def main(argv=None) -> None:
             teacher_hash,
             train,
             stages.visual_loader(cfg, teacher),  # the teacher reads the items as it was trained to (its mean / std)
-            tok,
+            teacher_tok,
             cfg.data.max_length,
             cache_dir / "teacher_tokens_train",
             is_main=acc.is_main_process,
             on_error=on_error,
             ledger=ledger,
             settings=stages.visual_stamp(cfg),  # the tokens are of the items at this image size (clip length)
+            ids_tokenizer=None if same_tok else tok,  # swapped captions come as the student's ids
         )
         acc.wait_for_everyone()
         cache = TeacherScoreCache(
@@ -111,7 +114,7 @@ def main(argv=None) -> None:
             source=mode,
             dataset_hash=split_hash(train),
             n_items=train.n_items,
-            tokenizer_hash=file_hash(stages.tokenizer_path(cfg)),  # the scorer encodes captions with `tok`
+            tokenizer_hash=teacher_tok_hash,  # the scorer encodes captions with the teacher's tokenizer
             max_length=cfg.data.max_length,
             settings=stages.visual_stamp(cfg),  # the teacher saw the items at this size
         )

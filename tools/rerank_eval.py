@@ -126,7 +126,7 @@ def main(argv=None) -> None:
                     "seed": cfg.seed}  # fmt: skip
         tuned, val = tune_on_split(
             student, teacher, tok, stages.load_split(cfg, "val", ledger), stages.visual_loader(cfg, student), ks=asked,
-            teacher_load_visual=stages.visual_loader(cfg, teacher),
+            teacher_load_visual=stages.visual_loader(cfg, teacher), teacher_tokenizer=retriever.teacher_tokenizer,
             max_length=ml, text_batch=tb, index_kw=index_kw, min_gain=cfg.combiner.min_gain,
             on_error=cfg.data.on_error, ledger=ledger)  # fmt: skip
         for k, t in tuned.items():
@@ -136,7 +136,8 @@ def main(argv=None) -> None:
         # Stamped with both models, the index and the split: search.py never fuses with a weight tuned for another
         # model pair or index, nor at another k.
         stamp = fuse_stamp(student_hash=retriever.student_hash, teacher_hash=retriever.teacher_hash,
-                           index_manifest=manifest, val_split=val.name, max_length=ml)  # fmt: skip
+                           index_manifest=manifest, val_split=val.name, max_length=ml,
+                           teacher_tokenizer_hash=retriever.teacher_tokenizer_hash)  # fmt: skip
         save_fuse_alphas(out / FUSE_FILE, tuned, split=val.name, stamp=stamp)
         retriever.alphas = {k: t["alpha"] for k, t in tuned.items()}
 

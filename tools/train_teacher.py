@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     acc = make_accelerator(out, train_cfg.grad_accum)
     set_seed(cfg.seed)  # before any model is built: the initial weights are part of the run
     ledger = SkipLedger()  # what load checks, validation and training leave out under data.on_error=skip
-    train, val, tok = stages.prepare_training(cfg, acc, ledger)
+    # The teacher's own tokenizer (teacher.tokenizer; the student's file when the settings are the same).
+    train, val, tok = stages.prepare_training(cfg, acc, ledger, kind="teacher")
     teacher = stages.build_teacher(cfg, tok)
     load_visual = stages.visual_loader(cfg, teacher)  # the teacher's backbone's mean / std and resampling
     acc.print(
@@ -66,9 +67,10 @@ def main(argv=None) -> None:
             shard=True,  # every process (the trainer calls this on each) scores its part of the items; gathered
         )
 
+    run_files = stages.run_files(out, teacher)  # config.yaml (and a decoder from BERT's text_config.json)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        stages.save_run_config(cfg, out)
+        stages.save_run_config(cfg, out, model=teacher)
     acc.wait_for_everyone()
     trainer = Trainer(
         CaptioningObjective(teacher),
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
         seed=cfg.seed,
         accelerator=acc,
         evaluate=validate,
-        extra_files={"config.yaml": out / "config.yaml", "tokenizer.json": stages.tokenizer_path(cfg)},
+        extra_files={**run_files, "tokenizer.json": stages.teacher_tokenizer_path(cfg)},
         num_workers=cfg.data.num_workers,
         skip_ledger=ledger,
     )
