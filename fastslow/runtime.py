@@ -39,15 +39,47 @@ def run(main) -> None:
     User errors are fastslow's own (`fastslow.errors.UserError` and its kinds: a bad recipe or override, bad
     data, a missing or stale artefact, an unusable checkpoint, a bad query) and a missing input
     (FileNotFoundError); a bug still shows its traceback (set FASTSLOW_TRACEBACK=1 to see it for user errors too).
+
+    A process of a multi-process run (WORLD_SIZE > 1) that ends, with 0 or 2, ends without interpreter
+    finalization: see `_end_process`.
     """
     import sys
 
     from fastslow.errors import UserError
 
+    code = 0
     try:
         main()
     except (FileNotFoundError, UserError) as e:
         if os.environ.get("FASTSLOW_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _end_process(code)
+    if code:
+        raise SystemExit(code) from None
+
+
+def _end_process(code: int) -> None:
+    """Flush and leave with ``code`` at once, skipping the interpreter's finalization.
+
+    Why: a gloo process group's worker thread drops its last reference to a finished collective's tensors a moment
+    after the caller has seen the result, and that needs the GIL. When the main thread is already finalizing the
+    interpreter, Python ends the worker thread inside a C++ destructor and the process aborts ("terminate called
+    without an active exception", SIGABRT): a 2-process run that had written everything then failed with -6,
+    1 run in 4 to 6 on the loaded 2-core machine (core dump: `ProcessGroupGloo::runLoop` destroying an
+    `AsyncAllgatherWork`). `destroy_process_group()` does not join those threads while DeepSpeed still holds the
+    groups. Nothing is lost by not finalizing: every artefact is written, fsynced and renamed by
+    `fastslow.artefacts` before `main()` returns, and the tools close their caches themselves.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         f"distillation: {mode}"
     )
 
-    batcher, checkpoint_objects, teacher_directions, composer = DistillBatcher("none"), [], 2, None
+    batcher, checkpoint_objects, teacher_directions, composer, cache = DistillBatcher("none"), [], 2, None, None
     # Training pairs augmented under data.augment.enabled; every other pass (mining, tokens, validation) reads them
     # plain.
     train_load = stages.visual_loader(cfg, student, train=True)
@@ -217,6 +217,8 @@ def main(argv=None) -> None:
         f"{batcher.pairs_scored}; cache hits: {batcher.cache_hits}; "
         f"last val: {state.history[-1] if state.history else '-'}"
     )
+    if cache is not None:
+        cache.close()  # the last connection to close folds the write-ahead log into the database
 
 
 if __name__ == "__main__":
