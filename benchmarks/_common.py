@@ -83,6 +83,32 @@ def launch(args: list[str], log: Path, threads: int) -> subprocess.Popen:
     return proc
 
 
+def clustered_unit_vectors(n: int, dim: int, seed: int, path: Path | None = None, draw_seed: int | None = None,
+                           centres: int = 1024):  # fmt: skip
+    """N unit vectors [N, dim] around ``centres`` random centres (as real embeddings cluster): written to ``path``
+    (.npy) in chunks and returned memory-mapped, or in memory without a path. The centres come from ``seed``; the
+    draws around them too, or from ``draw_seed`` (queries from the same clusters as a gallery)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, dim)).astype(np.float32)
+    if draw_seed is not None:
+        rng = np.random.default_rng(draw_seed)
+    if path is None:
+        out = np.empty((n, dim), np.float32)
+    else:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for s in range(0, n, 65536):
+        m = min(65536, n - s)
+        x = c[rng.integers(0, centres, m)] + 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    if path is None:
+        return out
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
 def base_dir(cfg) -> Path:
     """The recipe's output_dir, absolute (relative ones are under the repository, as the tools resolve them)."""
     return Path(cfg.output_dir) if Path(cfg.output_dir).is_absolute() else ROOT / cfg.output_dir

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, split_own
+from _common import ROOT, clustered_unit_vectors, split_own
 
 DEFAULTS = {
     "galleries": "1000,10000,100000,1000000",
@@ -80,16 +80,7 @@ def synthetic_gallery(directory: Path, n: int, dim: int, token_shape: tuple[int,
         free = shutil.disk_usage(directory).free
         if need > 0.9 * free:
             raise SystemExit(f"gallery {n} needs {need / 2**30:.1f} GiB in {directory}, {free / 2**30:.1f} GiB free")
-        rng = np.random.default_rng(seed)
-        centres = rng.standard_normal((1024, dim)).astype(np.float32)
-        emb = np.lib.format.open_memmap(directory / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim))
-        step = 65536
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            x = centres[rng.integers(0, len(centres), m)] + 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
-            emb[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        emb.flush()
-        del emb
+        clustered_unit_vectors(n, dim, seed, directory / "embeddings.npy")
 
         def chunks():
             import torch

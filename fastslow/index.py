@@ -283,7 +283,7 @@ def index_info(index: faiss.Index) -> dict[str, Any]:
         ``{"kind": str, "params": dict}`` with ``nlist``/``nprobe`` (IVF), ``pq_m``/``pq_bits`` (ivfpq),
         ``hnsw_m``/``ef_search``/``ef_construction`` (hnsw).
     """
-    cpu = _to_cpu(index)
+    cpu = to_cpu(index)
     ivf = _ivf_or_none(cpu)
     if isinstance(cpu, faiss.IndexIVFPQ):
         params = {"nlist": ivf.nlist, "nprobe": ivf.nprobe, "pq_m": cpu.pq.M, "pq_bits": cpu.pq.nbits}
@@ -344,7 +344,8 @@ def search(index: faiss.Index, queries: np.ndarray | torch.Tensor, k: int) -> tu
 # -------------------------------------------------------------------------------------------------------- save/load
 
 
-def _to_cpu(index: faiss.Index) -> faiss.Index:
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    """The index itself on the CPU, or a CPU copy of a GPU one (what is serialized and saved)."""
     # index_gpu_to_cpu also unwraps the replicas/shards made by the multi-GPU cloners.
     if _gpu_available() and hasattr(faiss, "index_gpu_to_cpu"):
         return faiss.index_gpu_to_cpu(index)
@@ -377,7 +378,7 @@ def save_index(out_dir: str | os.PathLike, index: faiss.Index, manifest: dict[st
     item_ids = [str(i) for i in manifest["item_ids"]]
     if len(item_ids) != index.ntotal:
         raise ValueError(f"manifest has {len(item_ids)} item_ids but the index holds {index.ntotal} vectors")
-    cpu = _to_cpu(index)
+    cpu = to_cpu(index)
     info = index_info(cpu)
     derived = {
         "kind": info["kind"],
