@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fastslow.data import RetrievalSplit, captions_per_path
-from fastslow.evaluation import encode_items, encode_texts_student, teacher_token_rows, visual_args
+from fastslow.evaluation import build_token_store, encode_items, encode_texts_student, visual_args
 from fastslow.losses import TEACHER_NORMS, ClipLoss, DistillLoss, gather_rows, teacher_logits, teacher_matches
 from fastslow.mining import inbatch_candidates, listwise_candidates, mine_hard_negatives, swap_words
 from fastslow.score_cache import TeacherScoreCache
@@ -64,6 +64,7 @@ class TeacherPairScorer:
         store_dir: where the teacher's visual tokens for the split's items live (built when absent or
             built by another teacher).
         chunk: pairs per teacher call (bounds memory).
+        accelerator: the run's, when several processes build the store (each extracts its shard of the rows).
         on_error, ledger: ``data.on_error`` and the run's `SkipLedger`: under ``"skip"`` an item that cannot be
             read gets a placeholder row the store refuses to hand out (`TokenStore`); such a store is rebuilt by a
             run under ``"raise"``, which wants every item.
@@ -83,15 +84,14 @@ class TeacherPairScorer:
         max_length: int,
         store_dir: str | Path,
         chunk: int = 2048,
-        is_main: bool = True,
+        accelerator=None,
         on_error: str = "raise",
         ledger=None,
         settings: dict | None = None,
         ids_tokenizer: TextTokenizer | None = None,
     ):
-        from teachers import TokenStore
-
         self.teacher = teacher.eval().requires_grad_(False)
+        is_main = accelerator is None or accelerator.is_main_process
         self.device = next(teacher.parameters()).device
         self.chunk = chunk
         self.tokenizer, self.ids_tokenizer, self.max_length = tokenizer, ids_tokenizer, max_length
@@ -102,13 +102,11 @@ class TeacherPairScorer:
         info = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         built, left_out = info.get("meta", {}), {int(r): why for r, why in info.get("skipped", {}).items()}
         stale = any(built.get(k) != v for k, v in stamp.items()) or bool(left_out and on_error == "raise")
-        if stale and is_main:  # absent, made by another teacher, or with rows a run under "raise" must not lack
-            left_out = {}
-            with torch.no_grad():
-                chunks = teacher_token_rows(
-                    self.teacher, split, load_visual, 64, self.device, on_error=on_error, ledger=ledger,
-                    left_out=left_out)  # fmt: skip
-                TokenStore.write(store_dir, split.item_ids, chunks, meta=stamp, overwrite=True, skipped=left_out)
+        if stale:  # absent, made by another teacher, or with rows a run under "raise" must not lack
+            # Every process extracts its shard of the rows (`build_token_store`): none waits out the others'.
+            build_token_store(self.teacher, split, load_visual, store_dir, meta=stamp, batch_size=64,
+                              device=self.device, accelerator=accelerator, on_error=on_error,
+                              ledger=ledger)  # fmt: skip
         elif is_main and ledger is not None:  # a reused store still lacks the items it could not read then
             captions = captions_per_path(split)
             for row, why in left_out.items():

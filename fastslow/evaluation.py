@@ -14,9 +14,10 @@ and their captions, and say how many of each were left out (``left_out_items``, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from fastslow.data import RetrievalSplit, SkipLedger, VisualDataset, captions_per_path, collate
 from fastslow.data.datasets import check_on_error
@@ -40,6 +41,7 @@ def iter_items(
     on_error: str = "raise",
     ledger: SkipLedger | None = None,
     where: str = "items",
+    rows: range | None = None,
 ):
     """Yield `(item_index [b], visual args)` over every item of the split that can be read, in order.
 
@@ -49,10 +51,13 @@ def iter_items(
             recorded in ``ledger`` (with the captions it carries and ``where``, the name of the pass).
         ledger: the run's `SkipLedger`; required under ``"skip"``.
         where: the pass, as the ledger lists it (``"val"``, ``"miner"``, ``"teacher tokens"``, ...).
+        rows: only these items (one process's shard); ``item_index`` stays the split's.
     """
     if check_on_error(on_error) == "skip" and ledger is None:
         raise ValueError("iter_items(on_error='skip') needs a SkipLedger to record the items it leaves out")
     dataset = VisualDataset(split, load_visual, on_error=on_error)
+    if rows is not None:
+        dataset = Subset(dataset, rows)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     captions = None  # path -> captions, computed once, on the first skip
     for batch in loader:
@@ -126,19 +131,24 @@ def teacher_token_rows(
     ledger: SkipLedger | None = None,
     where: str = "teacher tokens",
     left_out: dict[int, str] | None = None,
+    rows: range | None = None,
+    shape: tuple[tuple[int, int], int | None] | None = None,
 ):
-    """Yield the teacher's visual tokens (on the CPU) for every row of ``split``, in item order: the chunks
-    `TokenStore.write` takes, so that row i of the store is item i.
+    """Yield the teacher's visual tokens (on the CPU) for every row of ``split`` (or of ``rows``, one process's
+    shard), in item order: the chunks `TokenStore.write` (or `TokenStore.fill`) takes, so that row i of the store
+    is item i.
 
     Under ``on_error="skip"`` a row whose item cannot be read holds zeros (placeholders, never scores: the store
-    refuses them) and ``left_out[row]`` is set to its reason as the chunks are consumed. Call it under
+    refuses them) and ``left_out[row]`` is set to its reason as the chunks are consumed; ``shape`` (tokens [N, D],
+    mask width or None) lets a shard with no readable item still yield its placeholders. Call it under
     ``torch.no_grad()`` (a generator cannot hold the grad mode for its caller).
     """
     from teachers import VisualTokens
 
     if left_out is None and on_error == "skip":
         raise ValueError("teacher_token_rows(on_error='skip') needs a left_out dict to list the rows it leaves empty")
-    row, shape = 0, None  # next row to yield; a real chunk's tokens [N, D] and mask width, for placeholders
+    rows = range(split.n_items) if rows is None else rows
+    row = rows.start  # next row to yield; a real chunk's tokens [N, D] and mask width, for placeholders
 
     def placeholders(lo: int, hi: int, index: torch.Tensor | None = None, real=None):
         for r in set(range(lo, hi)) - set([] if index is None else index.tolist()):
@@ -151,17 +161,94 @@ def teacher_token_rows(
                 mask[index - lo] = real.mask
         return VisualTokens(tokens, mask)
 
-    items = iter_items(split, load_visual, batch_size, device, on_error=on_error, ledger=ledger, where=where)
+    items = iter_items(split, load_visual, batch_size, device, on_error=on_error, ledger=ledger, where=where, rows=rows)
     for index, args in items:
         chunk = teacher.encode_visual(*args).to(device="cpu")
         shape = (tuple(chunk.tokens.shape[1:]), None if chunk.mask is None else chunk.mask.shape[1])
         hi = int(index[-1]) + 1
         yield chunk if hi - row == len(index) else placeholders(row, hi, index, chunk)
         row = hi
-    if row < split.n_items:  # the last items could not be read
+    if row < rows.stop:  # the last items could not be read
         if shape is None:
-            raise ValueError(f"no item of {split.name} could be read ({split.n_items} tried): no teacher tokens")
-        yield placeholders(row, split.n_items)
+            raise ValueError(f"no item of {split.name} could be read ({len(rows)} tried): no teacher tokens")
+        yield placeholders(row, rows.stop)
+
+
+def token_shape(teacher, split: RetrievalSplit, load_visual: Callable) -> tuple[tuple[int, int], int | None]:
+    """The shape of one item's teacher tokens ([N, D], and the padding mask's width or None), from the first item
+    of ``split`` that can be read (every process finds the same one). An item that cannot be read is not recorded
+    here: the pass that reads it for its tokens records it."""
+    dataset = VisualDataset(split, load_visual, on_error="skip")
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if isinstance(sample, dict) and "item_index" in sample:
+            vt = teacher.encode_visual(*visual_args(collate([sample])))
+            return tuple(vt.tokens.shape[1:]), None if vt.mask is None else int(vt.mask.shape[1])
+    raise ValueError(f"no item of {split.name} could be read ({len(dataset)} tried): no teacher tokens")
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Process ``rank``'s contiguous share of ``n`` rows (sizes differ by at most one)."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+@torch.no_grad()
+def build_token_store(
+    teacher,
+    split: RetrievalSplit,
+    load_visual: Callable,
+    path,
+    *,
+    meta: dict,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    accelerator=None,
+    on_error: str = "raise",
+    ledger: SkipLedger | None = None,
+    where: str = "teacher tokens",
+) -> dict[int, str]:
+    """Write the teacher's `TokenStore` of ``split`` at ``path``, every process extracting its own shard of rows.
+
+    Why: a store of a large split (COCO train at 224 px: ~119 GB for captioner_base) extracted by one process
+    while the others wait at a barrier takes world-size times as long and can outlast a collective timeout.
+    Here process 0 allocates the store's arrays in a temporary directory, every process encodes its contiguous
+    rows and writes them in place (disjoint rows of one memory-mapped file: nothing is copied or merged), the
+    rows left out under ``data.on_error=skip`` are gathered, and process 0 commits the store. The only waits are
+    for the slowest shard (shards differ by at most one row) and for the commit. ``path`` must be on a
+    filesystem every process sees (as checkpoints must).
+
+    Returns:
+        The rows left out (row -> reason), on every process; the store's stamp is ``meta``.
+    """
+    from fastslow.artefacts import temp_dir_for
+    from teachers import TokenStore
+
+    world = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
+    shape = token_shape(teacher.to(device), split, load_visual)
+    tmp = None
+    if rank == 0:
+        tmp = temp_dir_for(Path(path))
+        TokenStore.allocate(tmp, split.n_items, *shape[0], has_mask=shape[1] is not None)
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        tmp = Path(broadcast_object_list([None if tmp is None else str(tmp)])[0])
+    left_out: dict[int, str] = {}
+    mine = shard(split.n_items, rank, world)
+    if len(mine):
+        chunks = teacher_token_rows(teacher, split, load_visual, batch_size, device, on_error=on_error,
+                                    ledger=ledger, where=where, left_out=left_out, rows=mine, shape=shape)  # fmt: skip
+        TokenStore.fill(tmp, mine.start, mine.stop, chunks)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        left_out = {row: why for part in gather_object([left_out]) for row, why in part.items()}
+    if rank == 0:
+        TokenStore.commit(tmp, path, split.item_ids, meta, overwrite=True, skipped=left_out)
+    if world > 1:
+        accelerator.wait_for_everyone()  # the store is at `path` before anyone opens it
+    return left_out
 
 
 @torch.no_grad()

@@ -133,6 +133,15 @@ def _as_chunks(tokens: VisualTokens | Iterable[VisualTokens]) -> Iterator[Visual
         yield from tokens
 
 
+def _half(chunk: VisualTokens, row: int) -> np.ndarray:
+    """A chunk's tokens as float16 numpy, refused when the cast overflows (rows from ``row``, for the message)."""
+    half = chunk.tokens.detach().to("cpu", torch.float32).numpy().astype(np.float16)
+    if not np.isfinite(half).all():
+        # fp16 saturates at 65504; the teacher's tokens are layer-normed, so this signals a bug upstream.
+        raise ValueError(f"non-finite tokens in rows {row}..{row + len(half)} after the cast to float16")
+    return half
+
+
 def _load_array(path: Path, mmap_mode: str | None, rebuild: str) -> np.ndarray:
     """One array of a store (memory-mapped when ``mmap_mode``), or StaleArtefactError naming the file."""
     if not path.is_file():
@@ -205,31 +214,102 @@ class TokenStore:
             The store, opened read-only from its final location.
         """
         path = Path(path)
+        ids = cls._check_ids(path, ids, overwrite)
+        tmp = temp_dir_for(path)  # after removing what a killed writer of this store left behind
+        try:
+            n_tok, dim, has_mask = cls._write_arrays(tmp, len(ids), _as_chunks(tokens))
+            return cls._commit(tmp, path, ids, n_tok, dim, has_mask, meta, skipped)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # A store written by several processes at once, each its own rows (`fastslow.evaluation.build_token_store`):
+    # one process allocates the arrays in a temporary directory, every process fills its rows in place through
+    # its own memory map (disjoint rows of one file: no copy, no merge), one process commits.
+    @staticmethod
+    def allocate(tmp: Path, n_items: int, num_tokens: int, dim: int, has_mask: bool) -> None:
+        """Create the zero-filled (sparse on disk) arrays of an ``n_items``-row store in the temporary directory
+        ``tmp`` (`fastslow.artefacts.temp_dir_for`), for `fill` to write and `commit` to publish."""
+        np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                  shape=(n_items, num_tokens, dim)).flush()  # fmt: skip
+        if has_mask:
+            mask = np.lib.format.open_memmap(tmp / "mask.npy", mode="w+", dtype=np.bool_, shape=(n_items, num_tokens))
+            mask[:] = True
+            mask.flush()
+
+    @staticmethod
+    def fill(tmp: Path, start: int, stop: int, tokens: VisualTokens | Iterable[VisualTokens]) -> None:
+        """Write rows ``start .. stop - 1`` of the arrays `allocate` made in ``tmp``, from chunks in row order; every
+        row of the range must come (a chunk past ``stop`` or a short range is an error)."""
+        arr = np.load(tmp / "tokens.npy", mmap_mode="r+")
+        mask = np.load(tmp / "mask.npy", mmap_mode="r+") if (tmp / "mask.npy").is_file() else None
+        row = start
+        for chunk in _as_chunks(tokens):
+            tok = _half(chunk, row)
+            if tok.shape[1:] != arr.shape[1:]:
+                raise ValueError(f"chunk of shape {tok.shape[1:]} does not match the store's {arr.shape[1:]}")
+            if row + len(tok) > stop:
+                raise ValueError(f"token rows past the end of rows {start}..{stop - 1}")
+            if chunk.mask is not None and mask is None:
+                raise ValueError("a chunk carries a padding mask but the store was allocated without one")
+            arr[row : row + len(tok)] = tok
+            if mask is not None and chunk.mask is not None:
+                mask[row : row + len(tok)] = chunk.mask.cpu().numpy()
+            row += len(tok)
+        if row != stop:
+            raise ValueError(f"TokenStore.fill: got rows {start}..{row - 1} of {start}..{stop - 1}")
+        arr.flush()
+        if mask is not None:
+            mask.flush()
+
+    @classmethod
+    def commit(
+        cls,
+        tmp: Path,
+        path: str | os.PathLike,
+        ids: Sequence[str],
+        meta: dict[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        skipped: dict[int, str] | None = None,
+    ) -> TokenStore:
+        """Publish the store that `allocate` and `fill` wrote in ``tmp`` at ``path`` (as `write` does)."""
+        path = Path(path)
+        ids = cls._check_ids(path, ids, overwrite)
+        arr = np.load(tmp / "tokens.npy", mmap_mode="r")
+        if len(arr) != len(ids):
+            raise ValueError(f"TokenStore.commit: {len(arr)} token rows for {len(ids)} ids")
+        try:
+            return cls._commit(tmp, path, ids, arr.shape[1], arr.shape[2], (tmp / "mask.npy").is_file(), meta, skipped)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _check_ids(path: Path, ids: Sequence[str], overwrite: bool) -> list[str]:
         ids = [str(i) for i in ids]
         if len(set(ids)) != len(ids):
             raise ValueError("TokenStore.write: item ids must be unique")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        tmp = temp_dir_for(path)  # after removing what a killed writer of this store left behind
-        try:
-            n_tok, dim, has_mask = cls._write_arrays(tmp, len(ids), _as_chunks(tokens))
-            (tmp / "ids.json").write_text(json.dumps(ids))
-            info = dict(
-                format=_FORMAT,
-                version=_VERSION,
-                num_items=len(ids),
-                num_tokens=n_tok,
-                dim=dim,
-                dtype="float16",
-                has_mask=has_mask,
-                meta=dict(meta or {}),
-                skipped={str(row): reason for row, reason in sorted((skipped or {}).items())},
-            )
-            (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
-            commit_dir(tmp, path)  # fsync every file, rename (an old store is moved aside first), fsync the parent
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return ids
+
+    @classmethod
+    def _commit(cls, tmp, path, ids, n_tok, dim, has_mask, meta, skipped) -> TokenStore:
+        (tmp / "ids.json").write_text(json.dumps(ids))
+        info = dict(
+            format=_FORMAT,
+            version=_VERSION,
+            num_items=len(ids),
+            num_tokens=int(n_tok),
+            dim=int(dim),
+            dtype="float16",
+            has_mask=bool(has_mask),
+            meta=dict(meta or {}),
+            skipped={str(row): reason for row, reason in sorted((skipped or {}).items())},
+        )
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
+        commit_dir(tmp, path)  # fsync every file, rename (an old store is moved aside first), fsync the parent
         return cls.open(path)
 
     @staticmethod
@@ -237,7 +317,7 @@ class TokenStore:
         arr = mask = None
         row = 0
         for chunk in chunks:
-            tok = chunk.tokens.detach().to("cpu", torch.float32).numpy()
+            tok = _half(chunk, row)
             if arr is None:
                 n_tok, dim = tok.shape[1:]
                 arr = np.lib.format.open_memmap(
@@ -247,11 +327,7 @@ class TokenStore:
                 raise ValueError(f"chunk of shape {tok.shape[1:]} does not match the store's {arr.shape[1:]}")
             if row + len(tok) > n_items:
                 raise ValueError(f"more token rows than ids ({n_items})")
-            half = tok.astype(np.float16)
-            if not np.isfinite(half).all():
-                # fp16 saturates at 65504; the teacher's tokens are layer-normed, so this signals a bug upstream.
-                raise ValueError(f"non-finite tokens in rows {row}..{row + len(tok)} after the cast to float16")
-            arr[row : row + len(tok)] = half
+            arr[row : row + len(tok)] = tok
             if chunk.mask is not None and mask is None:
                 # The mask appears late: rows written so far had no padding.
                 mask = np.lib.format.open_memmap(tmp / "mask.npy", mode="w+", dtype=np.bool_, shape=arr.shape[:2])

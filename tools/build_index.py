@@ -28,16 +28,14 @@ def main(argv=None) -> None:
     import time
 
     import numpy as np
-    import torch
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
     from fastslow import stages
     from fastslow.data import SkipLedger, VisualDataset, collate
-    from fastslow.evaluation import teacher_token_rows, visual_args
+    from fastslow.evaluation import build_token_store, visual_args
     from fastslow.index import build_index, hash_ids, index_info, save_embeddings, save_index
     from fastslow.trainer import skip_deepspeed_cpu_shm_build
-    from teachers import TokenStore
 
     skip_deepspeed_cpu_shm_build()  # under `accelerate launch` with the DeepSpeed config: no C++ build at start-up
     acc = Accelerator()
@@ -115,33 +113,26 @@ def main(argv=None) -> None:
         )
         save_embeddings(out, emb, {"student_hash": student_hash, "gallery_hash": gallery_hash, **visual})
 
-        # Teacher tokens: computed once per gallery item, read back at query time (never the backbone).
-        t0 = time.perf_counter()
-        teacher.to(acc.device)
-        teacher_load = stages.visual_loader(cfg, teacher)  # the teacher's own mean / std, as in its training
-        # Only the items the student read are left. One that fails now (changed since) keeps its row, as a
-        # placeholder the store lists and refuses to score, so that row i of the tokens stays item i of the index.
-        unread: dict[int, str] = {}
-        with torch.no_grad():
-            chunks = teacher_token_rows(
-                teacher, split, teacher_load, cfg.index.batch_size, acc.device, on_error=cfg.data.on_error,
-                ledger=ledger, where="index tokens", left_out=unread)  # fmt: skip
-            TokenStore.write(
-                out / "tokens",
-                split.item_ids,
-                chunks,
-                meta={"teacher_hash": teacher_hash, "gallery_hash": gallery_hash, **visual},
-                overwrite=True,
-                skipped=unread,
-            )
-        t_tokens = time.perf_counter() - t0
+    # Teacher tokens: computed once per gallery item, read back at query time (never the backbone); every process
+    # extracts its shard of the rows (`build_token_store`), after the index and embeddings are written.
+    t0 = time.perf_counter()
+    teacher.to(acc.device)
+    teacher_load = stages.visual_loader(cfg, teacher)  # the teacher's own mean / std, as in its training
+    # Only the items the student read are left. One that fails now (changed since) keeps its row, as a
+    # placeholder the store lists and refuses to score, so that row i of the tokens stays item i of the index.
+    build_token_store(teacher, split, teacher_load, out / "tokens",
+                      meta={"teacher_hash": teacher_hash, "gallery_hash": gallery_hash, **visual},
+                      batch_size=cfg.index.batch_size, device=acc.device, accelerator=acc,
+                      on_error=cfg.data.on_error, ledger=ledger, where="index tokens")  # fmt: skip
+    t_tokens = time.perf_counter() - t0
+    if acc.is_main_process:
         # What rerank_eval.py and search.py will check: the tokens on disk belong to the index just written.
         store = stages.open_gallery_tokens(cfg, {"gallery_hash": gallery_hash}, teacher_hash)
         info = index_info(index)
         print(
             f"index {info['kind']} {info['params']} over {split.n_items} items of {split.name} -> {out}\n"
             f"  student encoding {t_student:.1f}s, index build {t_index:.2f}s, teacher tokens {t_tokens:.1f}s "
-            f"({store.shape} fp16, {np.prod(store.shape) * 2 / 2**20:.1f} MiB)"
+            f"({store.shape} fp16, {np.prod(store.shape) * 2 / 2**20:.1f} MiB, {acc.num_processes} process(es))"
         )
     stages.finish_skips(ledger, out, acc)
     acc.wait_for_everyone()

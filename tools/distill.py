@@ -101,7 +101,7 @@ def main(argv=None) -> None:
             teacher_tok,
             cfg.data.max_length,
             cache_dir / "teacher_tokens_train",
-            is_main=acc.is_main_process,
+            accelerator=acc,
             on_error=on_error,
             ledger=ledger,
             settings=stages.visual_stamp(cfg),  # the tokens are of the items at this image size (clip length)
