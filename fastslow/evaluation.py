@@ -318,9 +318,14 @@ class StoreTeacherScorer:
         store: the gallery's `TokenStore` (`${output_dir}/index/tokens`), or `VisualTokens` in memory.
         tokenizer, max_length: how query texts become ids.
         chunk: pairs per teacher call (bounds memory).
+        autocast: None (float32) or torch.bfloat16 / torch.float16 for the fast path (`candidates`): the teacher's
+            decoder under `torch.autocast`, scores within the bound tests/test_teachers.py states. Off by default:
+            measured 0.8-2.0x pairs/s on a contended 2-core AMX CPU, at equal within-list R@1 on a trained shapes
+            teacher (60.6 / 60.8, 98.8% of top-1s unchanged).
     """
 
-    def __init__(self, teacher, store, tokenizer: TextTokenizer, max_length: int, chunk: int = 2048):
+    def __init__(self, teacher, store, tokenizer: TextTokenizer, max_length: int, chunk: int = 2048,
+                 autocast: torch.dtype | None = None):  # fmt: skip
         self.teacher, self.store, self.tokenizer, self.max_length, self.chunk = (
             teacher,
             store,
@@ -329,6 +334,7 @@ class StoreTeacherScorer:
             chunk,
         )
         self.device = next(teacher.parameters()).device
+        self.autocast = autocast
 
     def _visual(self, idx):
         if hasattr(self.store, "get"):  # a TokenStore on disk
@@ -396,7 +402,8 @@ class StoreTeacherScorer:
             visual, index = self.distinct(block)
             out[s : s + len(block)] = (
                 self.teacher.score_candidates(
-                    visual, ids[s : s + len(block)], mask[s : s + len(block)], chunk=self.chunk, index=index
+                    visual, ids[s : s + len(block)], mask[s : s + len(block)], chunk=self.chunk, index=index,
+                    autocast=self.autocast,
                 )
                 .float()
                 .cpu()

@@ -842,6 +842,7 @@ class Captioner(nn.Module):
         *,
         chunk: int = 256,
         index: Tensor | None = None,
+        autocast: torch.dtype | None = None,
     ) -> Tensor:
         """Teacher score of each query against its own k candidates (query time: the student's top-k).
 
@@ -859,6 +860,8 @@ class Captioner(nn.Module):
             chunk: pairs per decoder pass (rounded down to whole queries, at least one).
             index: optional [Q * k] long, row-major like `visual` above: pair p reads item ``visual[index[p]]``
                 (`StoreTeacherScorer.candidates` reads each distinct row of the store once and passes this).
+            autocast: None = the module's dtype throughout; torch.bfloat16 / torch.float16 = the decoder's matmuls
+                in that dtype (`torch.autocast` on the module's device type); the log-softmax stays float32.
 
         Returns:
             [Q, k] float32 scores on the module's device. No grad; the train/eval mode is the caller's.
@@ -872,31 +875,35 @@ class Captioner(nn.Module):
         ids, mask, order = self._by_length(input_ids, attention_mask)
         out = torch.empty(q, k, device=self.device)
         per_pass = max(1, chunk // k)
-        for i in range(0, q, per_pass):
-            qi = order[i : i + per_pass]
-            rows = (qi[:, None].cpu() * k + torch.arange(k)).reshape(-1)  # the pass's pairs, query-major
-            items, perm, groups = self._groups(index[rows])
-            memories = self._memories(visual[items].to(self.device, self.dtype), merge=True)  # once per item
-            perm = perm.to(self.device)
-            text_of = perm // k  # pair perm[j] (sorted by item) is a pair of the pass's query perm[j] // k
-            seqs, tmask = self._text_inputs(ids[qi], mask[qi])
-            plan = (
-                [(self.decoders[0], memories[0], list(range(len(seqs))))]
-                if len(self.decoders) == 1
-                else [(dec, mem, [d]) for d, (dec, mem) in enumerate(zip(self.decoders, memories))]
-            )
-            total = 0.0
-            for dec, mem, dirs in plan:
-                x = torch.stack([dec.embed(seqs[d][0], d) for d in dirs], 1)  # [n_q, dirs, L, D], once per text
-                tgt = torch.stack([seqs[d][1] for d in dirs], 1)  # [n_q, dirs, L]
-                # Every pair reads its query's text states, pairs ordered as `groups` wants them: [pairs, dirs, L, D].
-                h = dec(x[text_of], mem, groups)
-                ll = self._mean_log_prob(dec, h, tgt[text_of], tmask[text_of][:, None], self._rows())  # [pairs, dirs]
-                total = total + ll.sum(1)
-            scores = torch.empty_like(total)
-            scores[perm] = total  # back to query-major order
-            out[qi] = scores.view(len(qi), k)
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            for i in range(0, q, per_pass):
+                self._score_pass(visual, ids, mask, order[i : i + per_pass], k, index, out)
         return out
+
+    def _score_pass(self, visual, ids, mask, qi, k, index, out) -> None:
+        """One pass of `score_candidates`: the queries ``qi`` against their k candidates each, into ``out[qi]``."""
+        rows = (qi[:, None].cpu() * k + torch.arange(k)).reshape(-1)  # the pass's pairs, query-major
+        items, perm, groups = self._groups(index[rows])
+        memories = self._memories(visual[items].to(self.device, self.dtype), merge=True)  # once per item
+        perm = perm.to(self.device)
+        text_of = perm // k  # pair perm[j] (sorted by item) is a pair of the pass's query perm[j] // k
+        seqs, tmask = self._text_inputs(ids[qi], mask[qi])
+        plan = (
+            [(self.decoders[0], memories[0], list(range(len(seqs))))]
+            if len(self.decoders) == 1
+            else [(dec, mem, [d]) for d, (dec, mem) in enumerate(zip(self.decoders, memories))]
+        )
+        total = 0.0
+        for dec, mem, dirs in plan:
+            x = torch.stack([dec.embed(seqs[d][0], d) for d in dirs], 1)  # [n_q, dirs, L, D], once per text
+            tgt = torch.stack([seqs[d][1] for d in dirs], 1)  # [n_q, dirs, L]
+            # Every pair reads its query's text states, pairs ordered as `groups` wants them: [pairs, dirs, L, D].
+            h = dec(x[text_of], mem, groups)
+            ll = self._mean_log_prob(dec, h, tgt[text_of], tmask[text_of][:, None], self._rows())  # [pairs, dirs]
+            total = total + ll.sum(1)
+        scores = torch.empty_like(total)
+        scores[perm] = total  # back to query-major order
+        out[qi] = scores.view(len(qi), k)
 
     @staticmethod
     def _groups(pair_items: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, int, int, int]]]:
