@@ -280,6 +280,7 @@ class CrossAttention(nn.Module):
 
     Cross-attention never mixes query positions, so the positions of all m texts read against one item are folded
     into one query sequence of length m * L: the item's keys/values are used as they are, never copied m times.
+    `groups` does the same when items are read by different numbers of rows (query-time candidates).
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
@@ -295,14 +296,27 @@ class CrossAttention(nn.Module):
         k, v = self.kv(tokens).view(V, N, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: Tensor, memory: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
-        """x [V, Q, D] (Q = texts x positions per item), memory from `memory`, attn_mask [V, 1, 1, N] -> [V, Q, D]."""
+    def forward(self, x: Tensor, memory: tuple[Tensor, Tensor], attn_mask: Tensor | None,
+                groups: list[tuple[int, int, int, int]] | None = None) -> Tensor:  # fmt: skip
+        """x [V, Q, D] (Q = texts x positions per item), memory from `memory`, attn_mask [V, 1, 1, N] -> [V, Q, D].
+
+        groups: None = row v of x reads item v. Otherwise (r0, r1, u0, u1) tuples covering x's rows: rows r0..r1
+        read items u0..u1 of the memory, (r1 - r0) / (u1 - u0) consecutive rows per item (`_groups`).
+        """
         V, Q, D = x.shape
-        q = self.q(x).view(V, Q, self.num_heads, D // self.num_heads).transpose(1, 2)
-        x = F.scaled_dot_product_attention(
-            q, *memory, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.proj(x.transpose(1, 2).reshape(V, Q, D))
+        H, p = self.num_heads, self.dropout if self.training else 0.0
+        q = self.q(x).view(V, Q, H, D // H)
+        if groups is None:
+            x = F.scaled_dot_product_attention(q.transpose(1, 2), *memory, attn_mask=attn_mask, dropout_p=p)
+            return self.proj(x.transpose(1, 2).reshape(V, Q, D))
+        (k, v), x = memory, torch.empty_like(q)
+        for r0, r1, u0, u1 in groups:
+            n = u1 - u0  # items of this group; the c = (r1 - r0) / n rows of an item are one query sequence
+            qg = q[r0:r1].view(n, (r1 - r0) // n * Q, H, D // H).transpose(1, 2)  # a view: no copy of the queries
+            mask = None if attn_mask is None else attn_mask[u0:u1]
+            og = F.scaled_dot_product_attention(qg, k[u0:u1], v[u0:u1], attn_mask=mask, dropout_p=p)
+            x[r0:r1] = og.transpose(1, 2).reshape(r1 - r0, Q, H, D // H)
+        return self.proj(x.view(V, Q, D))
 
 
 class DecoderLayer(nn.Module):
@@ -331,13 +345,16 @@ class DecoderLayer(nn.Module):
             return self.norm1(x + self.drop(self.self_attn(x)))
         return x + self.drop(self.self_attn(self.norm1(x)))
 
-    def cross_block(self, x: Tensor, memory: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
-        """x [V, m, L, D] (m texts per visual item) -> [V, m, L, D]."""
+    def cross_block(self, x: Tensor, memory: tuple[Tensor, Tensor], attn_mask: Tensor | None,
+                    groups: list | None = None) -> Tensor:  # fmt: skip
+        """x [V, m, L, D] (m texts per visual item; with `groups`, see `CrossAttention.forward`) -> [V, m, L, D]."""
         V, m, L, D = x.shape
         if self.post_norm:
-            x = self.norm2(x + self.drop(self.cross_attn(x.reshape(V, m * L, D), memory, attn_mask).view(V, m, L, D)))
+            ca = self.cross_attn(x.reshape(V, m * L, D), memory, attn_mask, groups).view(V, m, L, D)
+            x = self.norm2(x + self.drop(ca))
             return self.norm3(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.cross_attn(self.norm2(x).reshape(V, m * L, D), memory, attn_mask).view(V, m, L, D))
+        ca = self.cross_attn(self.norm2(x).reshape(V, m * L, D), memory, attn_mask, groups).view(V, m, L, D)
+        x = x + self.drop(ca)
         return x + self.drop(self.mlp(self.norm3(x)))
 
 
@@ -535,13 +552,16 @@ class TextDecoder(nn.Module):
         """
         return [(layer.cross_attn.memory(tok), mask) for layer, (tok, mask) in zip(self.layers, layer_tokens)]
 
-    def forward(self, x: Tensor, memories: list) -> Tensor:
-        """x [V, m, L, D] from `embed` (m texts per item), memories from `memories` -> final hidden [V, m, L, D]."""
+    def forward(self, x: Tensor, memories: list, groups: list | None = None) -> Tensor:
+        """x [V, m, L, D] from `embed` (m texts per item), memories from `memories` -> final hidden [V, m, L, D].
+
+        groups: which rows of x read which items (`CrossAttention.forward`); None = row v reads item v.
+        """
         V, m, L, D = x.shape
         for i, (layer, (mem, mask)) in enumerate(zip(self.layers, memories)):
             if i:
                 x = layer.self_block(x.reshape(V * m, L, D)).view(V, m, L, D)
-            x = layer.cross_block(x, mem, mask)
+            x = layer.cross_block(x, mem, mask, groups)
         return self.norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
@@ -815,53 +835,96 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def score_candidates(
-        self, visual: VisualTokens, input_ids: Tensor, attention_mask: Tensor, *, chunk: int = 256
+        self,
+        visual: VisualTokens,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        chunk: int = 256,
+        index: Tensor | None = None,
+        autocast: torch.dtype | None = None,
     ) -> Tensor:
         """Teacher score of each query against its own k candidates (query time: the student's top-k).
 
-        The same scores as `score_pairs` on each text repeated k times, but a text's embedding and its layer-0
-        self-attention (which do not see the item) are computed once and shared by its k candidates, and no
-        [Q * k, L] copy of the texts is made.
+        The same scores as `score_pairs` on each text repeated k times, with the work that does not depend on the
+        pair done once: a text's embedding and its layer-0 self-attention (which do not see the item) once per text
+        and shared by its k candidates, and an item's cross-attention keys/values (and token merging) once per
+        distinct item of a pass, however many of the pass's queries retrieved it. The queries of one batch are
+        mostly similar, so their top-k lists overlap: the keys/values are the largest item-only cost (a third of a
+        pair's FLOPs on captioner_small) and are then paid per item, not per pair.
 
         Args:
-            visual: VisualTokens [Q * k], row-major: query q's candidates are rows q*k .. q*k + k - 1.
+            visual: VisualTokens [Q * k], row-major: query q's candidates are rows q*k .. q*k + k - 1; or, with
+                `index`, the distinct items only (any order, any count).
             input_ids, attention_mask: [Q, L], one row per query.
             chunk: pairs per decoder pass (rounded down to whole queries, at least one).
+            index: optional [Q * k] long, row-major like `visual` above: pair p reads item ``visual[index[p]]``
+                (`StoreTeacherScorer.candidates` reads each distinct row of the store once and passes this).
+            autocast: None = the module's dtype throughout; torch.bfloat16 / torch.float16 = the decoder's matmuls
+                in that dtype (`torch.autocast` on the module's device type); the log-softmax stays float32.
 
         Returns:
             [Q, k] float32 scores on the module's device. No grad; the train/eval mode is the caller's.
         """
         q = input_ids.shape[0]
-        if q == 0 or len(visual) % q:
-            raise ValueError(f"score_candidates needs k candidates per query: {len(visual)} items for {q} queries")
-        k = len(visual) // q
+        n_pairs = len(visual) if index is None else len(index)
+        if q == 0 or n_pairs % q:
+            raise ValueError(f"score_candidates needs k candidates per query: {n_pairs} pairs for {q} queries")
+        k = n_pairs // q
+        index = torch.arange(n_pairs) if index is None else torch.as_tensor(index).long().cpu().reshape(-1)
         ids, mask, order = self._by_length(input_ids, attention_mask)
         out = torch.empty(q, k, device=self.device)
         per_pass = max(1, chunk // k)
-        for i in range(0, q, per_pass):
-            qi = order[i : i + per_pass]
-            rows = (qi[:, None] * k + torch.arange(k, device=qi.device)).reshape(-1)
-            vis = visual[rows.cpu()].to(self.device, self.dtype)
-            seqs, tmask = self._text_inputs(ids[qi], mask[qi])
-            memories = self._memories(vis)
-            plan = (
-                [(self.decoders[0], memories[0], list(range(len(seqs))))]
-                if len(self.decoders) == 1
-                else [(dec, mem, [d]) for d, (dec, mem) in enumerate(zip(self.decoders, memories))]
-            )
-            total = 0.0
-            for dec, mem, dirs in plan:
-                n_q, L = seqs[0][0].shape
-                x = torch.stack([dec.embed(seqs[d][0], d) for d in dirs], 1)  # [n_q, dirs, L, D], once per text
-                tgt = torch.stack([seqs[d][1] for d in dirs], 1)  # [n_q, dirs, L]
-                # Every candidate reads its query's text states: [n_q * k, dirs, L, D] (a view until the decoder).
-                x = x.unsqueeze(1).expand(n_q, k, *x.shape[1:]).reshape(n_q * k, *x.shape[1:])
-                tgt = tgt.unsqueeze(1).expand(n_q, k, *tgt.shape[1:]).reshape(n_q * k, *tgt.shape[1:])
-                tm = tmask[:, None, None].expand(n_q, k, 1, L).reshape(n_q * k, 1, L)
-                ll = self._mean_log_prob(dec, dec(x, mem), tgt, tm, self._rows())  # [n_q * k, dirs]
-                total = total + ll.sum(1)
-            out[qi] = total.view(len(qi), k)
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            for i in range(0, q, per_pass):
+                self._score_pass(visual, ids, mask, order[i : i + per_pass], k, index, out)
         return out
+
+    def _score_pass(self, visual, ids, mask, qi, k, index, out) -> None:
+        """One pass of `score_candidates`: the queries ``qi`` against their k candidates each, into ``out[qi]``."""
+        rows = (qi[:, None].cpu() * k + torch.arange(k)).reshape(-1)  # the pass's pairs, query-major
+        items, perm, groups = self._groups(index[rows])
+        memories = self._memories(visual[items].to(self.device, self.dtype), merge=True)  # once per item
+        perm = perm.to(self.device)
+        text_of = perm // k  # pair perm[j] (sorted by item) is a pair of the pass's query perm[j] // k
+        seqs, tmask = self._text_inputs(ids[qi], mask[qi])
+        plan = (
+            [(self.decoders[0], memories[0], list(range(len(seqs))))]
+            if len(self.decoders) == 1
+            else [(dec, mem, [d]) for d, (dec, mem) in enumerate(zip(self.decoders, memories))]
+        )
+        total = 0.0
+        for dec, mem, dirs in plan:
+            x = torch.stack([dec.embed(seqs[d][0], d) for d in dirs], 1)  # [n_q, dirs, L, D], once per text
+            tgt = torch.stack([seqs[d][1] for d in dirs], 1)  # [n_q, dirs, L]
+            # Every pair reads its query's text states, pairs ordered as `groups` wants them: [pairs, dirs, L, D].
+            h = dec(x[text_of], mem, groups)
+            ll = self._mean_log_prob(dec, h, tgt[text_of], tmask[text_of][:, None], self._rows())  # [pairs, dirs]
+            total = total + ll.sum(1)
+        scores = torch.empty_like(total)
+        scores[perm] = total  # back to query-major order
+        out[qi] = scores.view(len(qi), k)
+
+    @staticmethod
+    def _groups(pair_items: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, int, int, int]]]:
+        """How `score_candidates` lays out the pairs of a pass so that each item's keys/values serve all its pairs.
+
+        pair_items [P]: the item each pair reads. Returns the distinct items ordered by how many pairs read them
+        (ascending), the pair order `perm` (pairs grouped by item, items in that order) and the groups of
+        `CrossAttention.forward`: items read by the same number c of pairs are adjacent, so one attention call reads
+        them all, each with its c pairs' positions as one query sequence, and no keys/values are copied.
+        """
+        items, inverse, counts = torch.unique(pair_items, return_inverse=True, return_counts=True)
+        by_count = torch.argsort(counts, stable=True)
+        rank = torch.empty_like(by_count)
+        rank[by_count] = torch.arange(len(by_count))
+        perm = torch.argsort(rank[inverse], stable=True)
+        groups, r0, u0 = [], 0, 0
+        values, repeats = torch.unique_consecutive(counts[by_count], return_counts=True)
+        for c, n in zip(values.tolist(), repeats.tolist()):
+            groups.append((r0, r0 + c * n, u0, u0 + n))
+            r0, u0 = r0 + c * n, u0 + n
+        return items[by_count], perm, groups
 
     @torch.no_grad()
     def score(

@@ -270,6 +270,85 @@ def test_chunk_sizes_give_identical_scores():
         assert torch.allclose(model.score_pairs(pairs, ids, am, chunk=c), ref_p, atol=2e-6)
 
 
+# Bound of `score_candidates` against `score_pairs` on each text repeated k times (float32): the same operations in
+# another grouping (keys/values once per item, the rows that read one item as one attention sequence); measured
+# <= 1e-6 on these models.
+CANDIDATE_ATOL = 1e-5
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    return scores.argsort(dim=1, descending=True, stable=True)
+
+
+@pytest.mark.parametrize(
+    "modality, kw",
+    [
+        ("image", {}),
+        ("image", dict(share_directions=False)),
+        ("image", dict(merge_ratio=0.25)),
+        ("video", {}),
+        ("video", dict(merge_ratio=0.5, directions=1)),
+    ],
+)
+def test_score_candidates_equals_score_pairs_on_repeated_texts(modality, kw):
+    """Each query against its own k candidates, items shared by several queries (read by 1 to 5 pairs each, so the
+    pass has groups of several sizes) == every pair scored alone; in passes of one query, some, or all."""
+    model = tiny(modality, **kw).eval()
+    n, Q, k = 7, 6, 4
+    x, mask = make_visual(modality, n, seed=1)
+    vt = model.encode_visual(x, mask)
+    ids, am = make_texts(Q, seed=2)
+    g = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(Q)]).reshape(-1)
+    assert len(set(torch.bincount(index).tolist())) > 2  # several group sizes
+    want = model.score_pairs(vt[index], ids.repeat_interleave(k, 0), am.repeat_interleave(k, 0)).view(Q, k)
+    for chunk in (k, 3 * k - 1, 256):
+        got = model.score_candidates(vt, ids, am, chunk=chunk, index=index)
+        assert got.shape == (Q, k) and (got - want).abs().max().item() <= CANDIDATE_ATOL, chunk
+        assert torch.equal(_ranks(got), _ranks(want))
+    # Without `index`: the candidates' own rows, query-major (an item repeated within a list is scored twice).
+    index[1] = index[0]
+    want = model.score_pairs(vt[index], ids.repeat_interleave(k, 0), am.repeat_interleave(k, 0)).view(Q, k)
+    got = model.score_candidates(vt[index], ids, am, chunk=2 * k)
+    assert (got - want).abs().max().item() <= CANDIDATE_ATOL
+    assert torch.equal(got, model.score_candidates(vt, ids, am, chunk=2 * k, index=index))
+
+
+# Bounds of `score_candidates(autocast=...)` against float32 on the tiny models (scores ~ -7): measured 7e-4 (bf16,
+# 8 mantissa bits) and 5e-5 (fp16); on the trained shapes teacher bf16 moved scores by up to 1.5e-2 and kept R@1.
+AUTOCAST_ATOL = {torch.bfloat16: 3e-3, torch.float16: 3e-4}
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_score_candidates_under_autocast_stays_near_float32(modality, dtype):
+    """Scores within the stated bound of float32, and the same order for every two candidates of a query whose
+    float32 scores are further apart than twice the bound (closer ones may swap: that is what the bound allows)."""
+    model = tiny(modality).eval()
+    n, Q, k = 7, 6, 4
+    x, mask = make_visual(modality, n, seed=1)
+    vt = model.encode_visual(x, mask)
+    # A random backbone gives near-identical tokens for random pictures (score gaps ~1e-5 between items); unit
+    # random tokens (the scale of the layer-normed ones) and a larger cross-attention output make the items matter,
+    # so that candidates lie further apart than the bound and the order check has work to do.
+    vt = VisualTokens(torch.randn(vt.tokens.shape, generator=torch.Generator().manual_seed(4)), vt.mask)
+    with torch.no_grad():
+        for layer in model.decoders[0].layers:
+            layer.cross_attn.proj.weight.mul_(20)
+    ids, am = make_texts(Q, seed=2)
+    g = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(Q)]).reshape(-1)
+    ref = model.score_candidates(vt, ids, am, index=index)
+    got = model.score_candidates(vt, ids, am, index=index, autocast=dtype)
+    assert got.dtype == torch.float32 and model.dtype == torch.float32  # the module is left as it was
+    bound = AUTOCAST_ATOL[dtype]
+    assert 0 < (got - ref).abs().max().item() <= bound  # > 0: the autocast path did run in lower precision
+    apart = (ref[:, :, None] - ref[:, None, :]).abs() > 2 * bound
+    assert apart.float().mean() > 0.3
+    same = (ref[:, :, None] > ref[:, None, :]) == (got[:, :, None] > got[:, None, :])
+    assert same[apart].all()
+
+
 def test_score_does_not_switch_mode_or_build_graph():
     model = tiny()
     x, _ = make_visual("image", 2, seed=1)
