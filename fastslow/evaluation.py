@@ -452,12 +452,6 @@ class StoreTeacherScorer:
         rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
         return self._visual(rows), inverse
 
-    def gather(self, item_ids: torch.Tensor):
-        """The visual tokens of ``item_ids`` (any shape, flattened, ids >= 0) in one read of the store (`distinct`,
-        expanded to ``item_ids``'s order in memory)."""
-        visual, inverse = self.distinct(item_ids)
-        return visual[inverse.to(self.device)]
-
     @torch.no_grad()
     def candidates(self, texts: list[str], item_ids: torch.Tensor) -> torch.Tensor:
         """The fast rerank path: scores of each query against its own candidates only, [Q, k] -> [Q, k] float32 (CPU).
